@@ -1,0 +1,87 @@
+//! The command line: `courier serve` and its flags.
+//!
+//! Owns: flag names, defaults and environment fallbacks, and turning them into a `Config`.
+//! Must not start anything (main does, through `server`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::{Config, Durability};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "courier",
+    version,
+    about = "Thread-per-core multi-device messaging server"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum DurabilityArg {
+    /// fsync every commit before `sent` (survives power loss).
+    Fsync,
+    /// No fsync per commit (survives a process crash; a power loss loses about a second).
+    ProcessCrash,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Client WebSocket listener address (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:7070", env = "COURIER_LISTEN")]
+    pub listen: SocketAddr,
+    /// Directory holding one LMDB environment per shard.
+    #[arg(long, default_value = "./data", env = "COURIER_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// Number of shards (default: what the data dir was created with, else one per core).
+    #[arg(long, env = "COURIER_SHARDS")]
+    pub shards: Option<usize>,
+    /// Development mode: accept `?user=&device=` without a token (loopback listeners only).
+    #[arg(long)]
+    pub dev: bool,
+    /// File holding the HS256 secret for client JWTs.
+    #[arg(long, env = "COURIER_AUTH_SECRET_FILE")]
+    pub auth_secret_file: Option<PathBuf>,
+    /// Durability of acknowledged messages.
+    #[arg(long, value_enum, default_value = "fsync", env = "COURIER_DURABILITY")]
+    pub durability: DurabilityArg,
+}
+
+impl ServeArgs {
+    /// Builds the configuration; reads the secret file or `COURIER_AUTH_SECRET`.
+    pub fn into_config(self) -> Result<Config, String> {
+        let mut config = Config::new(self.listen, self.data_dir);
+        config.shards = self.shards;
+        config.dev = self.dev;
+        config.durability = match self.durability {
+            DurabilityArg::Fsync => Durability::Fsync,
+            DurabilityArg::ProcessCrash => Durability::ProcessCrashSafe,
+        };
+        config.auth_secret = match self.auth_secret_file {
+            Some(path) => {
+                let secret = std::fs::read(&path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                let trimmed = secret.trim_ascii().to_vec();
+                if trimmed.is_empty() {
+                    return Err(format!("{} is empty", path.display()));
+                }
+                Some(trimmed)
+            }
+            None => std::env::var("COURIER_AUTH_SECRET")
+                .ok()
+                .filter(|s| !s.is_empty())
+                .map(String::into_bytes),
+        };
+        Ok(config)
+    }
+}

@@ -1,0 +1,112 @@
+//! The server's configuration: where it listens, where it stores, and every bound.
+//!
+//! Owns: one `Config` struct holding every limit, with units in the names, and its defaults.
+//! Each bound's comment says what happens when it is reached. Must not parse command lines
+//! (that is `cli`) or read files.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How durable an acknowledged (`sent`) message is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    /// Every commit is fsynced before `sent`: nothing acknowledged is lost, even on power loss.
+    Fsync,
+    /// Commits reach the OS page cache but are not fsynced: nothing acknowledged is lost when the
+    /// process is killed, but a power failure or kernel crash loses the last seconds.
+    /// LMDB's NO_SYNC mode: the writer fsyncs once a second.
+    ProcessCrashSafe,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Client WebSocket listener (every shard accepts on it with SO_REUSEPORT).
+    pub listen: SocketAddr,
+    /// Root of the per-shard LMDB environments (`shard-N/`).
+    pub data_dir: PathBuf,
+    /// Number of shards (pinned executor threads). `None`: what the data dir was created with,
+    /// or one per online core for a new data dir. Settled by `Server::start`.
+    pub shards: Option<usize>,
+    /// Accept `?user=&device=` without a token. Refused unless `listen` is loopback.
+    pub dev: bool,
+    /// HS256 secret for JWTs; `None` means only dev credentials work.
+    pub auth_secret: Option<Vec<u8>>,
+    pub durability: Durability,
+
+    /// Largest WebSocket message or frame. At the bound: the connection is closed with 1009.
+    pub max_frame_bytes: usize,
+    /// Largest message `body`. At the bound: `error` `too_large`, nothing stored.
+    pub max_body_bytes: usize,
+    /// Devices one user may link. At the bound: a new device gets `device_limit` and close 4003.
+    pub max_devices_per_user: usize,
+    /// Group size cap (groups are a later feature; kept here with the other bounds).
+    pub max_group_members: usize,
+    /// Bytes queued for one connection's socket. At the bound: the connection is closed with
+    /// 4009 (everything it missed is in the log; it resumes from its cursor on reconnect).
+    pub outbound_queue_max_bytes: usize,
+    /// Open connections per shard. At the bound: new connections are refused with HTTP 503.
+    pub connections_per_shard_max: usize,
+    /// Retried-`send` ids remembered per device. Beyond the window, the oldest id is forgotten
+    /// and a retry of it would be stored again.
+    pub dedupe_window_per_device: u64,
+    /// Time allowed for the TCP connection to complete the WebSocket upgrade. At the bound: the
+    /// socket is dropped.
+    pub handshake_timeout: Duration,
+    /// A connection that sent nothing for this long gets a ping.
+    pub ping_interval: Duration,
+    /// A connection that sent nothing (not even a pong) for this long is closed with 4008.
+    pub idle_timeout: Duration,
+    /// Messages buffered per destination shard before cross-shard sends are refused. At the
+    /// bound: new client `send`s get `busy` with `retry_ms`; replies and deliveries already
+    /// accepted are still queued (they are bounded by the in-flight work that caused them).
+    pub cross_shard_queue_max: usize,
+    /// Capacity of each glommio shared channel between two shards (ring slots).
+    pub cross_shard_ring_slots: usize,
+    /// Commit batches handed to a shard's storage writer and not yet committed. At the bound:
+    /// new client `send`s get `busy`.
+    pub pending_commits_max: usize,
+    /// Most appends the writer folds into one LMDB transaction (one fsync).
+    pub commit_batch_max_ops: usize,
+    /// Events read from the log per page when a device catches up (bounds memory per catch-up).
+    pub catchup_page_events: usize,
+    /// LMDB map size per shard: address space reserved, not memory used. At the bound: writes
+    /// fail and `send` gets `busy` (map full) while reads and live delivery continue.
+    pub lmdb_map_bytes: usize,
+}
+
+impl Config {
+    /// The settled shard count.
+    pub fn shard_count(&self) -> usize {
+        self.shards
+            .expect("the shard count is settled by Server::start before shards run")
+    }
+
+    /// Defaults for everything but where to listen and store.
+    pub fn new(listen: SocketAddr, data_dir: PathBuf) -> Self {
+        Config {
+            listen,
+            data_dir,
+            shards: None,
+            dev: false,
+            auth_secret: None,
+            durability: Durability::Fsync,
+            max_frame_bytes: 64 * 1024,
+            max_body_bytes: 16 * 1024,
+            max_devices_per_user: 5,
+            max_group_members: 1024,
+            outbound_queue_max_bytes: 1024 * 1024,
+            connections_per_shard_max: 100_000,
+            dedupe_window_per_device: 10_000,
+            handshake_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(75),
+            cross_shard_queue_max: 65_536,
+            cross_shard_ring_slots: 4096,
+            pending_commits_max: 1024,
+            commit_batch_max_ops: 8192,
+            catchup_page_events: 256,
+            lmdb_map_bytes: 64 << 30,
+        }
+    }
+}

@@ -1,0 +1,480 @@
+//! One client connection: WebSocket upgrade, credentials, replay, live events, client frames.
+//!
+//! Owns: the only use of tungstenite in the server (upgrade with credential check inside the
+//! handshake, bounded buffers, frame limits, close codes), the per-connection delivery rule (on
+//! one connection events go out with contiguous seq, no gap and no duplicate: anything missing
+//! is read from the owner's log), and turning client frames into routed shard messages.
+//!
+//! Must not: hold user state (the owner has it) or decide anything an owner decides; keep a
+//! large buffer per idle socket; block on a slow socket without a bound (writes time out).
+
+use std::future::{Future, poll_fn};
+use std::pin::pin;
+use std::rc::Rc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use async_tungstenite::WebSocketStream;
+use bytes::Bytes;
+use futures_util::future::{Either, select};
+use futures_util::{AsyncReadExt, SinkExt, StreamExt};
+use glommio::net::TcpStream;
+use glommio::timer::Timer;
+use tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tungstenite::protocol::WebSocketConfig;
+use tungstenite::protocol::frame::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{Error as WsError, Message, Utf8Bytes};
+
+use crate::auth::Credentials;
+use crate::ids::Seq;
+use crate::protocol::{ClientFrame, ErrorCode, FrameError, decode_client_frame, encode_hello};
+use crate::router::{ConnItem, ShardMsg};
+use crate::shard::{ConnShared, Shard};
+
+type Ws = WebSocketStream<TcpStream>;
+
+/// Per-connection read buffer. tungstenite's default (128 KiB, always resident) would dominate
+/// the memory of an idle connection.
+const READ_BUFFER_BYTES: usize = 4096;
+/// Frames are written through as soon as this much is buffered; the rest is flushed once per
+/// drained batch of outbound items (several frames per syscall under load).
+const WRITE_BUFFER_BYTES: usize = 8192;
+/// How long the owner may take to answer `Attach` before the connection gives up (1011).
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a close handshake may take before the socket is dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A socket that accepts no bytes for this long is dropped (a reader that stopped reading).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most outbound items written before checking the socket for inbound frames again.
+const DRAIN_ITEMS_MAX: usize = 256;
+
+/// Runs `f` with a deadline; `None` when the deadline passed first.
+pub async fn with_timeout<T>(limit: Duration, f: impl Future<Output = T>) -> Option<T> {
+    match select(pin!(f), Timer::new(limit)).await {
+        Either::Left((value, _)) => Some(value),
+        Either::Right(_) => None,
+    }
+}
+
+/// How a session ended, for the log and for the close frame.
+enum End {
+    /// Send this close frame, then finish the close handshake.
+    Close(u16, String),
+    /// The peer closed or the socket failed: nothing more to send.
+    Gone,
+}
+
+/// Serves one accepted TCP connection to its end.
+pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+    let peer = stream.peer_addr().ok();
+    let Some((ws, creds)) = handshake(&shard, stream).await else {
+        return;
+    };
+    let Some(conn) = shard.register_conn(creds.user.clone(), creds.device.clone()) else {
+        tracing::warn!(?peer, "connection limit of this shard reached");
+        let mut ws = ws;
+        close(&mut ws, 1013, "server at its connection limit").await;
+        return;
+    };
+    tracing::info!(?peer, user = %creds.user, device = %creds.device, shard = shard.id.0, "connected");
+    let mut session = Session {
+        shard: shard.clone(),
+        conn: conn.clone(),
+        ws,
+        next: Seq(1),
+        attached: false,
+    };
+    let end = session.run().await;
+    let Session {
+        mut ws, attached, ..
+    } = session;
+    shard.unregister_conn(&conn, attached);
+    let code = match end {
+        End::Close(code, reason) => {
+            close(&mut ws, code, &reason).await;
+            Some(code)
+        }
+        End::Gone => None,
+    };
+    tracing::info!(?peer, user = %creds.user, device = %creds.device, close = ?code, "disconnected");
+}
+
+/// Upgrades the connection, checking credentials inside the handshake (401 before upgrade).
+async fn handshake(shard: &Shard, stream: TcpStream) -> Option<(Ws, Credentials)> {
+    let mut creds = None;
+    let callback = |request: &Request, response: Response| {
+        if request.uri().path() != "/v1/ws" {
+            return Err(http_error(
+                404,
+                "not found: the WebSocket endpoint is /v1/ws",
+            ));
+        }
+        let authorization = request
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        match shard
+            .auth
+            .authenticate(request.uri().query(), authorization)
+        {
+            Ok(c) => {
+                creds = Some(c);
+                Ok(response)
+            }
+            Err(reason) => {
+                tracing::info!(%reason, "credentials refused");
+                Err(http_error(401, "unauthorized"))
+            }
+        }
+    };
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
+        .max_write_buffer_size(shard.config.outbound_queue_max_bytes + WRITE_BUFFER_BYTES)
+        .max_message_size(Some(shard.config.max_frame_bytes))
+        .max_frame_size(Some(shard.config.max_frame_bytes));
+    let upgrade = async_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config));
+    match with_timeout(shard.config.handshake_timeout, upgrade).await {
+        Some(Ok(ws)) => creds.map(|c| (ws, c)),
+        Some(Err(e)) => {
+            tracing::debug!(error = %e, "handshake failed");
+            None
+        }
+        None => {
+            tracing::debug!("handshake timed out");
+            None
+        }
+    }
+}
+
+fn http_error(status: u16, body: &str) -> ErrorResponse {
+    let mut response = ErrorResponse::new(Some(body.to_owned()));
+    *response.status_mut() = tungstenite::http::StatusCode::from_u16(status)
+        .unwrap_or(tungstenite::http::StatusCode::UNAUTHORIZED);
+    response
+}
+
+/// Sends a close frame and waits (bounded) for the peer to finish the close handshake, so the
+/// close frame is not lost to a reset.
+async fn close(ws: &mut Ws, code: u16, reason: &str) {
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: Utf8Bytes::from(reason),
+    };
+    let finish = async {
+        if ws.close(Some(frame)).await.is_err() {
+            return;
+        }
+        // Read until the peer's close or EOF; after a protocol error tungstenite may refuse to
+        // read frames, so discard raw bytes then.
+        loop {
+            match ws.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(_)) => break,
+                None => return,
+            }
+        }
+        let mut sink = [0u8; 1024];
+        while let Ok(n) = ws.get_mut().read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    let _ = with_timeout(CLOSE_TIMEOUT, finish).await;
+}
+
+/// What woke the session.
+enum Wake {
+    Outbox,
+    Inbound(Option<Result<Message, WsError>>),
+}
+
+struct Session {
+    shard: Rc<Shard>,
+    conn: Rc<ConnShared>,
+    ws: Ws,
+    /// The next seq this connection must send: events below it were sent, none above it yet.
+    next: Seq,
+    /// The owner registered this device (so it must be told when the connection ends).
+    attached: bool,
+}
+
+impl Session {
+    async fn run(&mut self) -> End {
+        let owner = self.shard.owner_of(&self.conn.user);
+        self.shard.router.route(
+            owner,
+            ShardMsg::Attach {
+                user: self.conn.user.clone(),
+                device: self.conn.device.clone(),
+                conn: self.shard.conn_ref(self.conn.id),
+            },
+        );
+        // Until the owner answers, the only items that can arrive are its answer or a close.
+        // Inbound frames wait in the socket.
+        self.attached = true;
+        let (cursor, head, low) = loop {
+            let conn = self.conn.clone();
+            let waited = with_timeout(ATTACH_TIMEOUT, async {
+                loop {
+                    if let Some(item) = conn.pop() {
+                        return item;
+                    }
+                    conn.notify.wait().await;
+                }
+            })
+            .await;
+            match waited {
+                None => return End::Close(1011, "no answer from the user's shard".into()),
+                Some(ConnItem::Attached { cursor, head, low }) => break (cursor, head, low),
+                Some(ConnItem::Refused {
+                    code,
+                    reason,
+                    close_code,
+                }) => {
+                    self.attached = false;
+                    let error = FrameError::new(code, reason.clone());
+                    if self.write_frame(error.encode()).await.is_err() {
+                        return End::Gone;
+                    }
+                    return End::Close(close_code, reason);
+                }
+                Some(ConnItem::Close { code, reason }) => return End::Close(code, reason.into()),
+                Some(_) => debug_assert!(false, "an event reached a connection before Attached"),
+            }
+        };
+        let hello = encode_hello(
+            self.conn.user.as_str(),
+            self.conn.device.as_str(),
+            cursor,
+            head,
+            low,
+        );
+        if self.write_frame(hello).await.is_err() {
+            return End::Gone;
+        }
+        self.next = cursor.next().max(low);
+        self.conn.catching_up.set(true);
+        let caught_up = self.replay(head).await;
+        self.conn.catching_up.set(false);
+        if caught_up.is_err() || self.ws.flush().await.is_err() {
+            return End::Gone;
+        }
+
+        loop {
+            match self.wait().await {
+                Wake::Outbox => {
+                    if let Some(end) = self.drain_outbox().await {
+                        return end;
+                    }
+                }
+                Wake::Inbound(None) => return End::Gone,
+                Wake::Inbound(Some(Ok(message))) => {
+                    self.conn.last_rx.set(Instant::now());
+                    self.conn.pinged.set(false);
+                    match message {
+                        Message::Text(text) => self.on_text(text.as_bytes()),
+                        Message::Binary(_) => self.reply_error(FrameError::new(
+                            ErrorCode::BadFrame,
+                            "binary frames are not accepted; send JSON text frames",
+                        )),
+                        Message::Close(_) => return End::Gone,
+                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+                    }
+                }
+                Wake::Inbound(Some(Err(error))) => return end_for_error(error),
+            }
+        }
+    }
+
+    /// Waits for outbound items or an inbound frame. Cancel-safe by construction: the outbox is
+    /// a queue that only `pop` drains, and the WebSocket keeps partial frames in itself.
+    async fn wait(&mut self) -> Wake {
+        let conn = self.conn.clone();
+        let ws = &mut self.ws;
+        poll_fn(|cx| {
+            if !conn.is_empty() || conn.dropped_through.get() >= self.next {
+                return Poll::Ready(Wake::Outbox);
+            }
+            if conn.notify.poll_notified(cx.waker()).is_ready() && !conn.is_empty() {
+                return Poll::Ready(Wake::Outbox);
+            }
+            match ws.poll_next_unpin(cx) {
+                Poll::Ready(message) => Poll::Ready(Wake::Inbound(message)),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    /// Writes queued items (up to `DRAIN_ITEMS_MAX`), then flushes once.
+    async fn drain_outbox(&mut self) -> Option<End> {
+        for _ in 0..DRAIN_ITEMS_MAX {
+            let Some(item) = self.conn.pop() else {
+                break;
+            };
+            let written = match item {
+                ConnItem::Event { seq, record } => self.send_event(seq, record).await,
+                ConnItem::Frame(frame) => self.feed(frame).await,
+                ConnItem::Close { code, reason } => return Some(End::Close(code, reason.into())),
+                ConnItem::Ping => self
+                    .ws
+                    .feed(Message::Ping(Bytes::new()))
+                    .await
+                    .map_err(|_| ()),
+                ConnItem::Refused {
+                    close_code, reason, ..
+                } => {
+                    return Some(End::Close(close_code, reason));
+                }
+                ConnItem::Attached { .. } => Ok(()),
+            };
+            if written.is_err() {
+                return Some(End::Gone);
+            }
+        }
+        // Events dropped while catching up (beyond the outbound bound) are read from the log.
+        let dropped = self.conn.dropped_through.get();
+        if dropped >= self.next && self.replay(dropped).await.is_err() {
+            return Some(End::Gone);
+        }
+        if self.ws.flush().await.is_err() {
+            return Some(End::Gone);
+        }
+        None
+    }
+
+    /// Sends one live event, first filling any gap before it from the log; skips events this
+    /// connection already sent (replay and live pushes overlap by design).
+    async fn send_event(&mut self, seq: Seq, record: Bytes) -> Result<(), ()> {
+        if seq < self.next {
+            return Ok(());
+        }
+        if seq > self.next {
+            self.replay(Seq(seq.0 - 1)).await?;
+            if seq < self.next {
+                return Ok(());
+            }
+        }
+        self.feed(record).await?;
+        self.next = seq.next();
+        Ok(())
+    }
+
+    /// Sends every stored event from `next` through `to`, a page at a time (bounded memory).
+    async fn replay(&mut self, to: Seq) -> Result<(), ()> {
+        let owner = self.shard.owner_of(&self.conn.user);
+        let store = self.shard.stores[owner.0].clone();
+        let page = self.shard.config.catchup_page_events;
+        while self.next <= to {
+            let events = match store.read_log(&self.conn.user, self.next, to, page) {
+                Ok(events) => events,
+                Err(e) => {
+                    tracing::error!(error = %e, "replay read failed");
+                    return Err(());
+                }
+            };
+            let Some((last, _)) = events.last() else {
+                // Nothing stored in the range: it was pruned. Skip it rather than loop.
+                self.next = to.next();
+                break;
+            };
+            let last = *last;
+            for (_, record) in events {
+                self.feed(record).await?;
+            }
+            self.next = last.next();
+            self.ws.flush().await.map_err(|_| ())?;
+            glommio::yield_if_needed().await;
+        }
+        Ok(())
+    }
+
+    async fn feed(&mut self, frame: Bytes) -> Result<(), ()> {
+        let text = Utf8Bytes::try_from(frame).map_err(|_| {
+            tracing::error!("refusing to send a frame that is not UTF-8");
+        })?;
+        self.ws.feed(Message::Text(text)).await.map_err(|_| ())
+    }
+
+    async fn write_frame(&mut self, frame: Bytes) -> Result<(), ()> {
+        self.feed(frame).await?;
+        self.ws.flush().await.map_err(|_| ())
+    }
+
+    fn reply_error(&self, error: FrameError) {
+        self.conn.push(ConnItem::Frame(error.encode()), usize::MAX);
+    }
+
+    /// Decodes a client frame and routes it to the user's owner.
+    fn on_text(&self, text: &[u8]) {
+        let shard = &self.shard;
+        let frame = match decode_client_frame(text, shard.config.max_body_bytes) {
+            Ok(frame) => frame,
+            Err(error) => return self.reply_error(error),
+        };
+        let user = self.conn.user.clone();
+        let device = self.conn.device.clone();
+        let conn = shard.conn_ref(self.conn.id);
+        let owner = shard.owner_of(&user);
+        let (msg, id) = match frame {
+            ClientFrame::Ack { seq } => (
+                ShardMsg::Ack {
+                    user,
+                    device,
+                    conn,
+                    seq,
+                },
+                None,
+            ),
+            ClientFrame::Send { id, to, body } => {
+                let echo = id.as_str().to_owned();
+                (
+                    ShardMsg::Send {
+                        user,
+                        device,
+                        conn,
+                        client: id,
+                        to,
+                        body,
+                    },
+                    Some(echo),
+                )
+            }
+            ClientFrame::Devices => (ShardMsg::Devices { user, conn }, None),
+            ClientFrame::Read { .. }
+            | ClientFrame::Typing { .. }
+            | ClientFrame::Edit { .. }
+            | ClientFrame::Delete { .. }
+            | ClientFrame::Group { .. }
+            | ClientFrame::Unlink { .. }
+            | ClientFrame::History { .. } => {
+                return self.reply_error(FrameError::new(
+                    ErrorCode::Internal,
+                    "this frame type is not available on this server yet",
+                ));
+            }
+        };
+        if shard.router.try_route(owner, msg).is_err() {
+            self.reply_error(
+                FrameError::new(ErrorCode::Busy, "the user's shard is overloaded")
+                    .with_retry(50)
+                    .with_id(id.as_deref()),
+            );
+        }
+    }
+}
+
+/// Maps a WebSocket read error to how the session ends.
+fn end_for_error(error: WsError) -> End {
+    match error {
+        WsError::Capacity(e) => End::Close(1009, format!("frame too large: {e}")),
+        WsError::Utf8(_) => End::Close(1007, "text frame is not valid UTF-8".into()),
+        WsError::Protocol(e) => End::Close(1002, format!("protocol error: {e}")),
+        _ => End::Gone,
+    }
+}

@@ -1,0 +1,19 @@
+//! Courier: a thread-per-core messaging server for users signed in on several devices.
+//!
+//! The codemap and invariants are in README.md (Architecture). Entry point for embedders and
+//! tests: [`server::Server::start`] with a [`config::Config`].
+
+pub mod auth;
+pub mod cli;
+pub mod clock;
+pub mod config;
+mod connection;
+pub mod ids;
+pub mod msgid;
+mod notify;
+mod owner;
+pub mod protocol;
+mod router;
+pub mod server;
+mod shard;
+pub mod storage;

@@ -1,0 +1,582 @@
+//! One shard: a pinned glommio executor's share of the server.
+//!
+//! Owns: the shard's state (its connections, the users it owns, in-flight sends), the commit
+//! pipeline to its storage writer (stage → batch → commit → after-commit actions, strictly in
+//! order), the dispatch of cross-shard messages to handlers, and the periodic sweeps (idle
+//! connections, lazy cursor writes). Owner-side handlers live in `owner`.
+//!
+//! Must not: share state with other shards (only `Send` messages through the router cross
+//! cores), block the executor on a write transaction, or hold a `RefCell` borrow across an
+//! `.await`.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_channel::mpsc::UnboundedReceiver;
+use futures_util::StreamExt;
+
+use crate::auth::Authenticator;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::ids::{
+    ClientMsgId, ConnId, ConnRef, DeviceId, MsgId, Seq, ShardId, UserId, owner_shard,
+};
+use crate::msgid::MsgIdMinter;
+use crate::notify::{Notify, yield_now};
+use crate::owner::{Inflight, UserState};
+use crate::protocol::{ErrorCode, FrameError};
+use crate::router::{ConnItem, Delivery, Router, ShardMsg};
+use crate::storage::{Completion, Store, StoreError, WriteBatch, WriteOp, WriterHandle};
+
+/// Meta key of the highest message id this shard minted.
+pub const META_MAX_MSG_ID: &str = "max_msg_id";
+
+/// What to do once a batch is durable (or what to undo when it failed).
+#[derive(Debug)]
+pub enum AfterCommit {
+    /// Events of `user` are durable: advance its committed head, push them to online devices.
+    Publish {
+        user: UserId,
+        events: Vec<(Seq, Bytes)>,
+    },
+    /// A new device's `linked` event is durable: mark it online and answer `Attached`.
+    LinkDone {
+        user: UserId,
+        device: DeviceId,
+        conn: ConnRef,
+    },
+    /// The sender's copy is durable: hand the recipient's copy to its owner.
+    Forward(Delivery),
+    /// Every copy of `msg` is durable: answer `sent` to everyone waiting for it.
+    SendDone { msg: MsgId },
+    /// The recipient's copy of `msg` is durable: tell the sender's owner.
+    Confirm {
+        origin: ShardId,
+        user: UserId,
+        msg: MsgId,
+    },
+}
+
+/// Work staged for the next batch.
+#[derive(Default)]
+struct Staged {
+    ops: Vec<WriteOp>,
+    actions: Vec<AfterCommit>,
+}
+
+/// A connection's mailbox on its shard: what the shards want written to its socket.
+pub struct ConnShared {
+    pub id: ConnId,
+    pub user: UserId,
+    pub device: DeviceId,
+    outbox: RefCell<VecDeque<ConnItem>>,
+    queued_bytes: Cell<usize>,
+    /// The outbound bound was hit: everything queued was dropped and a 4009 close is queued.
+    overflowed: Cell<bool>,
+    /// While replaying from the log, live events beyond the bound are dropped instead of
+    /// closing the connection: the log has them, and `dropped_through` says how far to read.
+    pub catching_up: Cell<bool>,
+    pub dropped_through: Cell<Seq>,
+    pub notify: Notify,
+    pub last_rx: Cell<Instant>,
+    pub pinged: Cell<bool>,
+}
+
+impl ConnShared {
+    fn new(id: ConnId, user: UserId, device: DeviceId) -> Self {
+        ConnShared {
+            id,
+            user,
+            device,
+            outbox: RefCell::new(VecDeque::new()),
+            queued_bytes: Cell::new(0),
+            overflowed: Cell::new(false),
+            catching_up: Cell::new(false),
+            dropped_through: Cell::new(Seq::ZERO),
+            notify: Notify::default(),
+            last_rx: Cell::new(Instant::now()),
+            pinged: Cell::new(false),
+        }
+    }
+
+    /// Queues an item for the socket. At `max_bytes` queued: during catch-up, events are
+    /// dropped (remembered in `dropped_through`, re-read from the log); otherwise the queue is
+    /// cleared and the connection is closed with 4009 (the device resumes from its cursor).
+    pub fn push(&self, item: ConnItem, max_bytes: usize) {
+        if self.overflowed.get() {
+            return;
+        }
+        let size = item.queued_bytes();
+        if self.queued_bytes.get() + size > max_bytes {
+            if let (true, ConnItem::Event { seq, .. }) = (self.catching_up.get(), &item) {
+                self.dropped_through
+                    .set(self.dropped_through.get().max(*seq));
+                self.notify.notify();
+                return;
+            }
+            self.overflowed.set(true);
+            self.outbox.borrow_mut().clear();
+            self.queued_bytes.set(0);
+            self.outbox.borrow_mut().push_back(ConnItem::Close {
+                code: 4009,
+                reason: "too slow: outbound queue full",
+            });
+            self.notify.notify();
+            return;
+        }
+        self.queued_bytes.set(self.queued_bytes.get() + size);
+        self.outbox.borrow_mut().push_back(item);
+        self.notify.notify();
+    }
+
+    pub fn pop(&self) -> Option<ConnItem> {
+        let item = self.outbox.borrow_mut().pop_front()?;
+        self.queued_bytes
+            .set(self.queued_bytes.get() - item.queued_bytes());
+        Some(item)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.outbox.borrow().is_empty()
+    }
+}
+
+pub struct Shard {
+    pub id: ShardId,
+    pub shards: usize,
+    pub config: Arc<Config>,
+    /// Every shard's store, for reads (a connection replays its user's log from the owner's
+    /// store; committed records are immutable, so reading them from here is safe).
+    pub stores: Arc<[Store]>,
+    pub router: Rc<Router>,
+    pub clock: Clock,
+    pub auth: Authenticator,
+    pub minter: MsgIdMinter,
+    pub(crate) minted: Cell<Option<MsgId>>,
+
+    // Owner state (users whose owner is this shard).
+    pub(crate) users: RefCell<HashMap<UserId, UserState>>,
+    pub(crate) inflight_by_msg: RefCell<HashMap<MsgId, Inflight>>,
+    pub(crate) inflight_by_client: RefCell<HashMap<(UserId, DeviceId, ClientMsgId), MsgId>>,
+    /// Recipient copies staged and not yet committed, so a re-driven delivery is not stored twice.
+    pub(crate) delivering: RefCell<HashSet<(UserId, MsgId)>>,
+    pub(crate) cursor_dirty: RefCell<HashSet<(UserId, DeviceId)>>,
+    /// Writes that need no answer and may ride along with the next batch.
+    pub(crate) lazy_ops: RefCell<Vec<WriteOp>>,
+
+    // Connections accepted by this shard.
+    pub(crate) conns: RefCell<HashMap<ConnId, Rc<ConnShared>>>,
+    next_conn: Cell<u64>,
+    pub accepting: Cell<bool>,
+    pub conns_changed: Notify,
+
+    // Commit pipeline.
+    writer: RefCell<WriterHandle>,
+    staged: RefCell<Staged>,
+    in_flight: RefCell<VecDeque<(u64, Vec<AfterCommit>)>>,
+    next_batch: Cell<u64>,
+    pub(crate) epoch: Cell<u64>,
+    flush_wanted: Notify,
+    pub commits_idle: Notify,
+}
+
+impl Shard {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: ShardId,
+        config: Arc<Config>,
+        stores: Arc<[Store]>,
+        router: Rc<Router>,
+        writer: WriterHandle,
+        minted_floor: Option<MsgId>,
+    ) -> Rc<Shard> {
+        let shards = config.shard_count();
+        Rc::new(Shard {
+            id,
+            shards,
+            auth: Authenticator::new(config.auth_secret.as_deref(), config.dev),
+            config,
+            stores,
+            router,
+            clock: Clock::system(),
+            minter: MsgIdMinter::new(id, minted_floor),
+            minted: Cell::new(None),
+            users: RefCell::new(HashMap::new()),
+            inflight_by_msg: RefCell::new(HashMap::new()),
+            inflight_by_client: RefCell::new(HashMap::new()),
+            delivering: RefCell::new(HashSet::new()),
+            cursor_dirty: RefCell::new(HashSet::new()),
+            lazy_ops: RefCell::new(Vec::new()),
+            conns: RefCell::new(HashMap::new()),
+            next_conn: Cell::new(1),
+            accepting: Cell::new(true),
+            conns_changed: Notify::default(),
+            writer: RefCell::new(writer),
+            staged: RefCell::new(Staged::default()),
+            in_flight: RefCell::new(VecDeque::new()),
+            next_batch: Cell::new(1),
+            epoch: Cell::new(0),
+            flush_wanted: Notify::default(),
+            commits_idle: Notify::default(),
+        })
+    }
+
+    /// This shard's own store.
+    pub fn store(&self) -> &Store {
+        &self.stores[self.id.0]
+    }
+
+    pub fn owner_of(&self, user: &UserId) -> ShardId {
+        owner_shard(user.as_str(), self.shards)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Connections.
+
+    /// Registers a new connection; `None` at `connections_per_shard_max`.
+    pub fn register_conn(&self, user: UserId, device: DeviceId) -> Option<Rc<ConnShared>> {
+        let mut conns = self.conns.borrow_mut();
+        if conns.len() >= self.config.connections_per_shard_max {
+            return None;
+        }
+        let id = ConnId(self.next_conn.get());
+        self.next_conn.set(id.0 + 1);
+        let conn = Rc::new(ConnShared::new(id, user, device));
+        conns.insert(id, conn.clone());
+        Some(conn)
+    }
+
+    /// Forgets a connection and tells the owner its device went offline.
+    pub fn unregister_conn(&self, conn: &ConnShared, attached: bool) {
+        self.conns.borrow_mut().remove(&conn.id);
+        if attached {
+            let owner = self.owner_of(&conn.user);
+            self.router.route(
+                owner,
+                ShardMsg::Detach {
+                    user: conn.user.clone(),
+                    device: conn.device.clone(),
+                    conn: self.conn_ref(conn.id),
+                },
+            );
+        }
+        self.conns_changed.notify();
+    }
+
+    pub fn conn_ref(&self, conn: ConnId) -> ConnRef {
+        ConnRef {
+            shard: self.id,
+            conn,
+        }
+    }
+
+    /// Sends an item to a connection on any shard.
+    pub fn to_conn(&self, conn: ConnRef, item: ConnItem) {
+        if conn.shard == self.id {
+            self.deliver_local(conn.conn, item);
+        } else {
+            self.router.route(
+                conn.shard,
+                ShardMsg::ToConn {
+                    conn: conn.conn,
+                    item,
+                },
+            );
+        }
+    }
+
+    /// Sends an error frame to a connection on any shard.
+    pub fn to_conn_error(&self, conn: ConnRef, error: FrameError) {
+        self.to_conn(conn, ConnItem::Frame(error.encode()));
+    }
+
+    fn deliver_local(&self, conn: ConnId, item: ConnItem) {
+        let target = self.conns.borrow().get(&conn).cloned();
+        // A connection that is gone needs nothing: its events are in the log.
+        if let Some(target) = target {
+            target.push(item, self.config.outbound_queue_max_bytes);
+        }
+    }
+
+    /// Asks every connection to close with 1001 (server shutting down).
+    pub fn close_all_connections(&self) {
+        let conns: Vec<Rc<ConnShared>> = self.conns.borrow().values().cloned().collect();
+        for conn in conns {
+            conn.push(
+                ConnItem::Close {
+                    code: 1001,
+                    reason: "server shutting down",
+                },
+                usize::MAX,
+            );
+        }
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conns.borrow().len()
+    }
+
+    /// Pings connections that have been quiet, closes those quiet past the idle timeout.
+    pub async fn sweep_idle_connections(self: Rc<Self>) {
+        let period = (self.config.ping_interval / 3).max(Duration::from_millis(100));
+        loop {
+            glommio::timer::sleep(period).await;
+            let now = Instant::now();
+            let conns: Vec<Rc<ConnShared>> = self.conns.borrow().values().cloned().collect();
+            for conn in conns {
+                let quiet = now.duration_since(conn.last_rx.get());
+                if quiet >= self.config.idle_timeout {
+                    conn.push(
+                        ConnItem::Close {
+                            code: 4008,
+                            reason: "idle: no pong within the timeout",
+                        },
+                        usize::MAX,
+                    );
+                } else if quiet >= self.config.ping_interval && !conn.pinged.get() {
+                    conn.pinged.set(true);
+                    conn.push(ConnItem::Ping, usize::MAX);
+                }
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Cross-shard dispatch.
+
+    /// Handles one message from any shard (including this one). Never awaits.
+    pub fn dispatch(&self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::ToConn { conn, item } => self.deliver_local(conn, item),
+            ShardMsg::Attach { user, device, conn } => self.on_attach(user, device, conn),
+            ShardMsg::Detach { user, device, conn } => self.on_detach(user, device, conn),
+            ShardMsg::Ack {
+                user,
+                device,
+                conn,
+                seq,
+            } => self.on_ack(user, device, conn, seq),
+            ShardMsg::Send {
+                user,
+                device,
+                conn,
+                client,
+                to,
+                body,
+            } => self.on_send(user, device, conn, client, to, body),
+            ShardMsg::Devices { user, conn } => self.on_devices(user, conn),
+            ShardMsg::Deliver(delivery) => self.on_deliver(delivery),
+            ShardMsg::Delivered { msg, result } => self.on_delivered(msg, result),
+        }
+    }
+
+    /// Drains one peer's ring into `dispatch`. Only receives: never sends (see router).
+    pub async fn receive_from(
+        self: Rc<Self>,
+        receiver: glommio::channels::shared_channel::ConnectedReceiver<ShardMsg>,
+    ) {
+        while let Some(msg) = receiver.recv().await {
+            self.dispatch(msg);
+            glommio::yield_if_needed().await;
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Commit pipeline.
+
+    /// Adds writes and their after-commit actions to the next batch.
+    pub fn stage(&self, ops: Vec<WriteOp>, actions: Vec<AfterCommit>) {
+        let mut staged = self.staged.borrow_mut();
+        staged.ops.extend(ops);
+        staged.actions.extend(actions);
+        drop(staged);
+        self.flush_wanted.notify();
+    }
+
+    /// Asks for a flush of lazy writes (cursors, confirmations) even if nothing else is staged.
+    pub fn want_flush(&self) {
+        self.flush_wanted.notify();
+    }
+
+    /// Whether new client work may be admitted: at `pending_commits_max` batches queued for the
+    /// writer, new sends are answered `busy`.
+    pub fn commits_saturated(&self) -> bool {
+        self.in_flight.borrow().len() >= self.config.pending_commits_max
+    }
+
+    pub fn commits_pending(&self) -> bool {
+        !self.in_flight.borrow().is_empty()
+            || !self.staged.borrow().ops.is_empty()
+            || !self.staged.borrow().actions.is_empty()
+    }
+
+    fn take_batch(&self) -> Option<(WriteBatch, Vec<AfterCommit>)> {
+        let mut staged = std::mem::take(&mut *self.staged.borrow_mut());
+        staged.ops.append(&mut self.lazy_ops.borrow_mut());
+        for (user, device) in self.cursor_dirty.borrow_mut().drain() {
+            let users = self.users.borrow();
+            if let Some(cursor) = users
+                .get(&user)
+                .and_then(|u| u.devices.get(&device))
+                .map(|d| d.cursor)
+            {
+                staged.ops.push(WriteOp::PutCursor {
+                    user: user.clone(),
+                    device,
+                    seq: cursor,
+                });
+            }
+        }
+        if let Some(max) = self.minted.take() {
+            staged.ops.push(WriteOp::PutMeta {
+                name: META_MAX_MSG_ID,
+                value: max.0.to_be_bytes().to_vec(),
+            });
+        }
+        if staged.ops.is_empty() && staged.actions.is_empty() {
+            return None;
+        }
+        let id = self.next_batch.get();
+        self.next_batch.set(id + 1);
+        let batch = WriteBatch {
+            id,
+            epoch: self.epoch.get(),
+            ops: staged.ops,
+        };
+        Some((batch, staged.actions))
+    }
+
+    /// Cuts staged work into batches and hands them to the writer. One task per shard.
+    pub async fn run_flusher(self: Rc<Self>) {
+        loop {
+            self.flush_wanted.wait().await;
+            // Let every handler that is already runnable stage its work first: one batch (one
+            // fsync) then serves all of them.
+            yield_now().await;
+            while let Some((mut batch, actions)) = self.take_batch() {
+                let id = batch.id;
+                loop {
+                    let refused = self.writer.borrow().try_submit(batch);
+                    match refused {
+                        Ok(()) => break,
+                        Err(back) => {
+                            // The writer's queue is at its bound: wait for room. New client
+                            // work is refused meanwhile (`commits_saturated`).
+                            batch = back;
+                            glommio::timer::sleep(Duration::from_millis(1)).await;
+                        }
+                    }
+                }
+                self.in_flight.borrow_mut().push_back((id, actions));
+            }
+        }
+    }
+
+    /// Applies completions from the writer, in batch order. One task per shard.
+    pub async fn run_completions(self: Rc<Self>, mut completions: UnboundedReceiver<Completion>) {
+        while let Some(completion) = completions.next().await {
+            let (id, actions) = self
+                .in_flight
+                .borrow_mut()
+                .pop_front()
+                .expect("a completion without a batch in flight");
+            assert_eq!(id, completion.batch, "completions arrive in batch order");
+            match completion.result {
+                Ok(()) => {
+                    for action in actions {
+                        self.after_commit(action);
+                    }
+                }
+                Err(error) => self.commit_failed(completion.epoch, &error, actions),
+            }
+            if self.in_flight.borrow().is_empty() {
+                self.commits_idle.notify();
+            }
+            glommio::yield_if_needed().await;
+        }
+    }
+
+    /// A batch failed: its writes are not on disk. The first failure of an epoch starts a new
+    /// epoch (later batches of the old one are refused by the writer) and reloads every owned
+    /// user's heads from disk; then every waiter of the failed work gets an error.
+    fn commit_failed(&self, epoch: u64, error: &StoreError, actions: Vec<AfterCommit>) {
+        if epoch == self.epoch.get() {
+            self.epoch.set(epoch + 1);
+            tracing::error!(shard = self.id.0, %error, "commit failed; reloading owned users from disk");
+            let stale = std::mem::take(&mut *self.staged.borrow_mut());
+            self.reload_users();
+            for action in stale.actions {
+                self.after_commit_failed(action, error);
+            }
+        }
+        for action in actions {
+            self.after_commit_failed(action, error);
+        }
+    }
+
+    /// The error a client sees for work lost to a failed commit.
+    pub fn store_error_frame(error: &StoreError) -> FrameError {
+        match error {
+            StoreError::Full => {
+                FrameError::new(ErrorCode::Busy, "storage is full").with_retry(1000)
+            }
+            StoreError::Poisoned => {
+                FrameError::new(ErrorCode::Busy, "storage is recovering").with_retry(100)
+            }
+            StoreError::Other(_) => FrameError::new(ErrorCode::Internal, "storage error"),
+        }
+    }
+
+    /// Re-drives cross-shard deliveries that were stored but never confirmed (after a crash).
+    pub fn recover_pending(&self) -> Result<usize, StoreError> {
+        let pending = self.store().pending_all()?;
+        let count = pending.len();
+        for (msg, record) in pending {
+            match crate::owner::decode_pending(&record) {
+                Some((delivery, client)) => self.resume_delivery(msg, delivery, client),
+                None => tracing::error!(msg = msg.0, "unreadable pending delivery record"),
+            }
+        }
+        Ok(count)
+    }
+
+    /// Routes lazy writes at a fixed pace so cursors reach the disk without a batch per ack.
+    pub async fn run_lazy_flush(self: Rc<Self>) {
+        loop {
+            glommio::timer::sleep(Duration::from_millis(200)).await;
+            if !self.cursor_dirty.borrow().is_empty() || !self.lazy_ops.borrow().is_empty() {
+                self.want_flush();
+            }
+        }
+    }
+
+    /// Hands everything staged to the writer and waits until it is committed (shutdown).
+    pub async fn drain_commits(&self, deadline: Instant) {
+        self.want_flush();
+        while Instant::now() < deadline {
+            yield_now().await;
+            let lazy_left =
+                !self.cursor_dirty.borrow().is_empty() || !self.lazy_ops.borrow().is_empty();
+            if lazy_left {
+                self.want_flush();
+            }
+            if !self.commits_pending() && !lazy_left {
+                return;
+            }
+            glommio::timer::sleep(Duration::from_millis(2)).await;
+        }
+        tracing::warn!(
+            shard = self.id.0,
+            "shutdown: commits still pending at the deadline"
+        );
+    }
+
+    /// Stops the writer thread once everything queued is committed (blocks briefly).
+    pub fn finish_writer(&self) {
+        self.writer.borrow_mut().finish();
+    }
+}

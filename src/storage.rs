@@ -1,0 +1,644 @@
+//! The per-shard durable store: one LMDB environment per shard, one writer OS thread each.
+//!
+//! Owns: the on-disk layout (tables and key encodings), the writer thread that folds many
+//! batches into one transaction (group commit: one fsync serves them all), and short read-only
+//! lookups. The only module that imports heed.
+//!
+//! Must not: open a write transaction on an executor thread (LMDB commits block); keep a read
+//! transaction open across an `.await`; decide what to write (the owner logic does).
+//!
+//! Tables (keys; ids never contain a NUL byte, so `\0` separates them unambiguously):
+//! - `log`:          user \0 seq(u64 BE)            → event record (the event's wire JSON)
+//! - `cursors`:      user \0 device                 → acked seq (u64 BE); a key = a linked device
+//! - `dedupe`:       user \0 device \0 client id    → msg id (u64 BE) ++ ts ms (u64 BE)
+//! - `dedupe_order`: user \0 device \0 order(u64 BE)→ client id (oldest first, for the window)
+//! - `msg_index`:    user \0 msg id(u64 BE)         → seq (u64 BE) of that message in the log
+//! - `pending`:      msg id(u64 BE)                 → a cross-shard delivery not yet confirmed
+//! - `meta`:         name                           → value (e.g. `max_msg_id`)
+
+use std::ops::Bound;
+use std::path::Path;
+use std::thread;
+use std::time::Duration;
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use futures_channel::mpsc::UnboundedSender;
+use heed::types::Bytes as RawBytes;
+use heed::{Database, Env, EnvFlags, EnvOpenOptions, PutFlags, WithoutTls};
+
+use crate::config::Durability;
+use crate::ids::{DeviceId, MsgId, Seq, ShardId, UserId};
+
+type Table = Database<RawBytes, RawBytes>;
+
+/// Why a storage operation failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// The LMDB map (or the disk) is full: writes fail until space is freed.
+    Full,
+    /// The batch was refused because an earlier batch of the same epoch failed: its in-memory
+    /// state may be ahead of the disk.
+    Poisoned,
+    /// Any other LMDB or I/O error.
+    Other(String),
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Full => f.write_str("storage is full"),
+            StoreError::Poisoned => f.write_str("an earlier commit of this batch's epoch failed"),
+            StoreError::Other(e) => write!(f, "storage error: {e}"),
+        }
+    }
+}
+
+impl From<heed::Error> for StoreError {
+    fn from(e: heed::Error) -> Self {
+        match e {
+            heed::Error::Mdb(heed::MdbError::MapFull) => StoreError::Full,
+            heed::Error::Io(ref io) if io.raw_os_error() == Some(libc::ENOSPC) => StoreError::Full,
+            other => StoreError::Other(other.to_string()),
+        }
+    }
+}
+
+/// One write, applied inside the writer's transaction.
+#[derive(Debug)]
+pub enum WriteOp {
+    /// Store event `seq` of `user`. The key must be new (NO_OVERWRITE): a clash means the
+    /// in-memory head diverged from disk, and the batch fails instead of overwriting.
+    Append {
+        user: UserId,
+        seq: Seq,
+        record: Bytes,
+    },
+    /// Remember where message `msg` sits in `user`'s log.
+    IndexMsg { user: UserId, msg: MsgId, seq: Seq },
+    /// Set a device's cursor (also links the device: a cursor key is a linked device).
+    PutCursor {
+        user: UserId,
+        device: DeviceId,
+        seq: Seq,
+    },
+    /// Remember a `send`'s answer for retries, as number `order` of this device's window, and
+    /// forget the entry that falls out of the window (`order - window`), if any.
+    PutDedupe {
+        user: UserId,
+        device: DeviceId,
+        client: String,
+        msg: MsgId,
+        ts_ms: u64,
+        order: u64,
+        window: u64,
+    },
+    /// Record a cross-shard delivery that must be re-driven after a crash until confirmed.
+    PutPending { msg: MsgId, record: Vec<u8> },
+    /// The delivery is confirmed: forget it.
+    DeletePending { msg: MsgId },
+    /// Store a named value.
+    PutMeta { name: &'static str, value: Vec<u8> },
+}
+
+/// A batch of writes from one shard, committed atomically with whatever else is queued.
+#[derive(Debug)]
+pub struct WriteBatch {
+    /// Identifies the batch in its completion.
+    pub id: u64,
+    /// The shard's storage epoch when the batch was built (see `StoreError::Poisoned`).
+    pub epoch: u64,
+    pub ops: Vec<WriteOp>,
+}
+
+/// The writer's answer for one batch.
+#[derive(Debug)]
+pub struct Completion {
+    pub batch: u64,
+    pub epoch: u64,
+    pub result: Result<(), StoreError>,
+}
+
+fn user_prefix(user: &UserId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(user.as_str().len() + 1);
+    key.extend_from_slice(user.as_str().as_bytes());
+    key.push(0);
+    key
+}
+
+fn log_key(user: &UserId, seq: Seq) -> Vec<u8> {
+    let mut key = user_prefix(user);
+    key.extend_from_slice(&seq.0.to_be_bytes());
+    key
+}
+
+fn cursor_key(user: &UserId, device: &DeviceId) -> Vec<u8> {
+    let mut key = user_prefix(user);
+    key.extend_from_slice(device.as_str().as_bytes());
+    key
+}
+
+fn device_prefix(user: &UserId, device: &DeviceId) -> Vec<u8> {
+    let mut key = cursor_key(user, device);
+    key.push(0);
+    key
+}
+
+fn dedupe_key(user: &UserId, device: &DeviceId, client: &str) -> Vec<u8> {
+    let mut key = device_prefix(user, device);
+    key.extend_from_slice(client.as_bytes());
+    key
+}
+
+fn dedupe_order_key(user: &UserId, device: &DeviceId, order: u64) -> Vec<u8> {
+    let mut key = device_prefix(user, device);
+    key.extend_from_slice(&order.to_be_bytes());
+    key
+}
+
+fn msg_index_key(user: &UserId, msg: MsgId) -> Vec<u8> {
+    let mut key = user_prefix(user);
+    key.extend_from_slice(&msg.0.to_be_bytes());
+    key
+}
+
+fn be_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?))
+}
+
+#[derive(Clone, Copy)]
+struct Tables {
+    log: Table,
+    cursors: Table,
+    dedupe: Table,
+    dedupe_order: Table,
+    msg_index: Table,
+    pending: Table,
+    meta: Table,
+}
+
+/// What the store knows of one user when the owner first touches them.
+#[derive(Debug, Default)]
+pub struct UserSnapshot {
+    /// Highest stored seq (0 when the log is empty).
+    pub head: Seq,
+    /// Oldest stored seq (`head + 1` when the log is empty).
+    pub low: Seq,
+    /// Linked devices with their cursors.
+    pub devices: Vec<(DeviceId, Seq)>,
+}
+
+/// Read access to one shard's store. Cheap to clone; usable from any thread (read
+/// transactions are opened without thread-local storage and never held across an await).
+#[derive(Clone)]
+pub struct Store {
+    env: Env<WithoutTls>,
+    tables: Tables,
+}
+
+impl Store {
+    /// Opens (creating if needed) the environment in `dir`.
+    pub fn open(dir: &Path, map_bytes: usize, durability: Durability) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Other(e.to_string()))?;
+        let mut options = EnvOpenOptions::new().read_txn_without_tls();
+        options.map_size(map_bytes).max_dbs(8).max_readers(1024);
+        if durability == Durability::ProcessCrashSafe {
+            // SAFETY: NO_SYNC only trades power-failure durability (documented on Durability);
+            // the writer thread fsyncs periodically.
+            unsafe {
+                options.flags(EnvFlags::NO_SYNC);
+            }
+        }
+        // SAFETY: each shard's directory is opened once per process (the server owns the data
+        // dir), which is heed's requirement for a sound mmap.
+        let env = unsafe { options.open(dir)? };
+        let mut wtxn = env.write_txn()?;
+        let tables = Tables {
+            log: env.create_database(&mut wtxn, Some("log"))?,
+            cursors: env.create_database(&mut wtxn, Some("cursors"))?,
+            dedupe: env.create_database(&mut wtxn, Some("dedupe"))?,
+            dedupe_order: env.create_database(&mut wtxn, Some("dedupe_order"))?,
+            msg_index: env.create_database(&mut wtxn, Some("msg_index"))?,
+            pending: env.create_database(&mut wtxn, Some("pending"))?,
+            meta: env.create_database(&mut wtxn, Some("meta"))?,
+        };
+        wtxn.commit()?;
+        Ok(Store { env, tables })
+    }
+
+    /// Starts this store's writer thread. Batches go in through the returned sender (bounded
+    /// by `pending_max`); each batch's completion comes back on `completions`, in order.
+    pub fn start_writer(
+        &self,
+        shard: ShardId,
+        pending_max: usize,
+        batch_max_ops: usize,
+        durability: Durability,
+        completions: UnboundedSender<Completion>,
+    ) -> std::io::Result<WriterHandle> {
+        let (sender, receiver) = crossbeam_channel::bounded(pending_max);
+        let store = self.clone();
+        let join = thread::Builder::new()
+            .name(format!("courier-writer-{}", shard.0))
+            .spawn(move || store.writer_loop(receiver, batch_max_ops, durability, completions))?;
+        Ok(WriterHandle {
+            sender: Some(sender),
+            join: Some(join),
+        })
+    }
+
+    fn writer_loop(
+        self,
+        batches: Receiver<WriteBatch>,
+        batch_max_ops: usize,
+        durability: Durability,
+        completions: UnboundedSender<Completion>,
+    ) {
+        let mut poisoned_epoch: Option<u64> = None;
+        let mut unsynced = false;
+        loop {
+            let first = match batches.recv_timeout(Duration::from_secs(1)) {
+                Ok(batch) => batch,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    if unsynced {
+                        // Durability::ProcessCrashSafe: bound what a power failure can lose.
+                        if let Err(e) = self.env.force_sync() {
+                            tracing::error!(error = %e, "periodic fsync failed");
+                        }
+                        unsynced = false;
+                    }
+                    continue;
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            };
+            let mut group = vec![first];
+            let mut ops = group[0].ops.len();
+            while ops < batch_max_ops {
+                match batches.try_recv() {
+                    Ok(batch) => {
+                        ops += batch.ops.len();
+                        group.push(batch);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let results = self.commit_isolating_failures(&group, &mut poisoned_epoch);
+            if durability == Durability::ProcessCrashSafe && results.iter().any(|r| r.is_ok()) {
+                unsynced = true;
+            }
+            // Completions go out in the order the batches came in.
+            for (batch, result) in group.iter().zip(results) {
+                let completion = Completion {
+                    batch: batch.id,
+                    epoch: batch.epoch,
+                    result,
+                };
+                if completions.unbounded_send(completion).is_err() {
+                    return; // The shard is gone; nobody waits for these.
+                }
+            }
+        }
+        if let Err(e) = self.env.force_sync() {
+            tracing::error!(error = %e, "final fsync failed");
+        }
+    }
+
+    /// Commits `group` in one transaction. If that fails, commits each batch alone so that one
+    /// bad batch does not fail its neighbours; the first failure poisons its epoch, and later
+    /// batches of that epoch are refused (their in-memory state assumed the failed writes).
+    fn commit_isolating_failures(
+        &self,
+        group: &[WriteBatch],
+        poisoned_epoch: &mut Option<u64>,
+    ) -> Vec<Result<(), StoreError>> {
+        let live: Vec<&WriteBatch> = group
+            .iter()
+            .filter(|b| Some(b.epoch) != *poisoned_epoch)
+            .collect();
+        if !live.is_empty() && self.commit(&live).is_ok() {
+            return group
+                .iter()
+                .map(|b| {
+                    if Some(b.epoch) == *poisoned_epoch {
+                        Err(StoreError::Poisoned)
+                    } else {
+                        Ok(())
+                    }
+                })
+                .collect();
+        }
+        group
+            .iter()
+            .map(|b| {
+                if Some(b.epoch) == *poisoned_epoch {
+                    return Err(StoreError::Poisoned);
+                }
+                let result = self.commit(&[b]);
+                if let Err(e) = &result {
+                    tracing::error!(error = %e, batch = b.id, epoch = b.epoch, "commit failed");
+                    *poisoned_epoch = Some(b.epoch);
+                }
+                result
+            })
+            .collect()
+    }
+
+    fn commit(&self, batches: &[&WriteBatch]) -> Result<(), StoreError> {
+        let t = self.tables;
+        let mut wtxn = self.env.write_txn()?;
+        for op in batches.iter().flat_map(|b| b.ops.iter()) {
+            match op {
+                WriteOp::Append { user, seq, record } => {
+                    t.log.put_with_flags(
+                        &mut wtxn,
+                        PutFlags::NO_OVERWRITE,
+                        &log_key(user, *seq),
+                        record,
+                    )?;
+                }
+                WriteOp::IndexMsg { user, msg, seq } => {
+                    t.msg_index
+                        .put(&mut wtxn, &msg_index_key(user, *msg), &seq.0.to_be_bytes())?;
+                }
+                WriteOp::PutCursor { user, device, seq } => {
+                    t.cursors
+                        .put(&mut wtxn, &cursor_key(user, device), &seq.0.to_be_bytes())?;
+                }
+                WriteOp::PutDedupe {
+                    user,
+                    device,
+                    client,
+                    msg,
+                    ts_ms,
+                    order,
+                    window,
+                } => {
+                    // Evict the entry falling out of the window first. A client id can only
+                    // be stored again after it fell out (inside the window a retry is answered
+                    // from here), so the evicted order entry always owns its dedupe key.
+                    if *order > *window {
+                        let old_key = dedupe_order_key(user, device, order - window);
+                        let old_client = t.dedupe_order.get(&wtxn, &old_key)?.map(<[u8]>::to_vec);
+                        if let Some(old_client) = old_client {
+                            t.dedupe_order.delete(&mut wtxn, &old_key)?;
+                            let old_client = String::from_utf8_lossy(&old_client);
+                            t.dedupe
+                                .delete(&mut wtxn, &dedupe_key(user, device, &old_client))?;
+                        }
+                    }
+                    let mut value = [0u8; 16];
+                    value[..8].copy_from_slice(&msg.0.to_be_bytes());
+                    value[8..].copy_from_slice(&ts_ms.to_be_bytes());
+                    t.dedupe
+                        .put(&mut wtxn, &dedupe_key(user, device, client), &value)?;
+                    t.dedupe_order.put(
+                        &mut wtxn,
+                        &dedupe_order_key(user, device, *order),
+                        client.as_bytes(),
+                    )?;
+                }
+                WriteOp::PutPending { msg, record } => {
+                    t.pending.put(&mut wtxn, &msg.0.to_be_bytes(), record)?;
+                }
+                WriteOp::DeletePending { msg } => {
+                    t.pending.delete(&mut wtxn, &msg.0.to_be_bytes())?;
+                }
+                WriteOp::PutMeta { name, value } => {
+                    t.meta.put(&mut wtxn, name.as_bytes(), value)?;
+                }
+            }
+        }
+        wtxn.commit()?;
+        Ok(())
+    }
+
+    /// Reads what the store holds for `user`: head, low and linked devices.
+    pub fn load_user(&self, user: &UserId) -> Result<UserSnapshot, StoreError> {
+        let rtxn = self.env.read_txn()?;
+        let prefix = user_prefix(user);
+        let mut snapshot = UserSnapshot::default();
+        if let Some((key, _)) = self
+            .tables
+            .log
+            .rev_prefix_iter(&rtxn, &prefix)?
+            .next()
+            .transpose()?
+        {
+            snapshot.head = Seq(be_u64(&key[prefix.len()..]).unwrap_or(0));
+        }
+        snapshot.low = match self
+            .tables
+            .log
+            .prefix_iter(&rtxn, &prefix)?
+            .next()
+            .transpose()?
+        {
+            Some((key, _)) => Seq(be_u64(&key[prefix.len()..]).unwrap_or(0)),
+            None => snapshot.head.next(),
+        };
+        for entry in self.tables.cursors.prefix_iter(&rtxn, &prefix)? {
+            let (key, value) = entry?;
+            let Ok(device) = std::str::from_utf8(&key[prefix.len()..]) else {
+                continue;
+            };
+            if let Some(device) = DeviceId::parse(device) {
+                snapshot
+                    .devices
+                    .push((device, Seq(be_u64(value).unwrap_or(0))));
+            }
+        }
+        Ok(snapshot)
+    }
+
+    /// Reads up to `max` events of `user` with seq in `[from, to]`, in order.
+    pub fn read_log(
+        &self,
+        user: &UserId,
+        from: Seq,
+        to: Seq,
+        max: usize,
+    ) -> Result<Vec<(Seq, Bytes)>, StoreError> {
+        if from > to || max == 0 {
+            return Ok(Vec::new());
+        }
+        let rtxn = self.env.read_txn()?;
+        let start = log_key(user, from);
+        let end = log_key(user, to);
+        let mut events = Vec::new();
+        for entry in self.tables.log.range(
+            &rtxn,
+            &(
+                Bound::Included(start.as_slice()),
+                Bound::Included(end.as_slice()),
+            ),
+        )? {
+            let (key, value) = entry?;
+            let seq = Seq(be_u64(&key[key.len() - 8..]).unwrap_or(0));
+            events.push((seq, Bytes::copy_from_slice(value)));
+            if events.len() >= max {
+                break;
+            }
+        }
+        Ok(events)
+    }
+
+    /// The answer stored for a device's `send` with this client id, if still in the window.
+    pub fn dedupe_get(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        client: &str,
+    ) -> Result<Option<(MsgId, u64)>, StoreError> {
+        let rtxn = self.env.read_txn()?;
+        let value = self
+            .tables
+            .dedupe
+            .get(&rtxn, &dedupe_key(user, device, client))?;
+        Ok(value.and_then(|v| Some((MsgId(be_u64(v)?), be_u64(&v[8..])?))))
+    }
+
+    /// The highest dedupe order number used by a device (0 when none).
+    pub fn dedupe_last_order(&self, user: &UserId, device: &DeviceId) -> Result<u64, StoreError> {
+        let rtxn = self.env.read_txn()?;
+        let prefix = device_prefix(user, device);
+        let last = self
+            .tables
+            .dedupe_order
+            .rev_prefix_iter(&rtxn, &prefix)?
+            .next()
+            .transpose()?;
+        Ok(last
+            .and_then(|(key, _)| be_u64(&key[prefix.len()..]))
+            .unwrap_or(0))
+    }
+
+    /// Where message `msg` sits in `user`'s log, if it was delivered there.
+    pub fn msg_index_get(&self, user: &UserId, msg: MsgId) -> Result<Option<Seq>, StoreError> {
+        let rtxn = self.env.read_txn()?;
+        let value = self
+            .tables
+            .msg_index
+            .get(&rtxn, &msg_index_key(user, msg))?;
+        Ok(value.and_then(be_u64).map(Seq))
+    }
+
+    /// Every cross-shard delivery not yet confirmed (re-driven at start-up).
+    pub fn pending_all(&self) -> Result<Vec<(MsgId, Vec<u8>)>, StoreError> {
+        let rtxn = self.env.read_txn()?;
+        let mut all = Vec::new();
+        for entry in self.tables.pending.iter(&rtxn)? {
+            let (key, value) = entry?;
+            if let Some(msg) = be_u64(key) {
+                all.push((MsgId(msg), value.to_vec()));
+            }
+        }
+        Ok(all)
+    }
+
+    /// A named value.
+    pub fn meta_get(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let rtxn = self.env.read_txn()?;
+        Ok(self
+            .tables
+            .meta
+            .get(&rtxn, name.as_bytes())?
+            .map(<[u8]>::to_vec))
+    }
+}
+
+/// The shard's end of its writer thread.
+pub struct WriterHandle {
+    sender: Option<Sender<WriteBatch>>,
+    join: Option<thread::JoinHandle<()>>,
+}
+
+impl WriterHandle {
+    /// Hands a batch to the writer. At the bound (`pending_commits_max` batches queued) the
+    /// batch comes back: the caller refuses new work with `busy` and retries the batch later.
+    pub fn try_submit(&self, batch: WriteBatch) -> Result<(), WriteBatch> {
+        let sender = self.sender.as_ref().expect("writer used after shutdown");
+        match sender.try_send(batch) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(batch)) | Err(TrySendError::Disconnected(batch)) => Err(batch),
+        }
+    }
+
+    /// Batches queued and not yet taken by the writer.
+    pub fn queued(&self) -> usize {
+        self.sender.as_ref().map_or(0, Sender::len)
+    }
+
+    /// Closes the queue and waits (blocking) until the writer has committed everything queued.
+    pub fn finish(&mut self) {
+        self.sender.take();
+        if let Some(join) = self.join.take() {
+            let _ = join.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+
+    fn user(s: &str) -> UserId {
+        UserId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn keys_of_one_user_never_mix_with_a_longer_id() {
+        // "bob\0..." sorts before "bobby\0..." so prefix scans stay within one user.
+        assert!(log_key(&user("bob"), Seq(u64::MAX)) < log_key(&user("bobby"), Seq(0)));
+    }
+
+    #[test]
+    fn group_commit_appends_and_reads_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 24, Durability::Fsync).unwrap();
+        let (tx, mut rx) = futures_channel::mpsc::unbounded();
+        let mut writer = store
+            .start_writer(ShardId(0), 16, 1000, Durability::Fsync, tx)
+            .unwrap();
+        let alice = user("alice");
+        for i in 1..=3u64 {
+            let batch = WriteBatch {
+                id: i,
+                epoch: 0,
+                ops: vec![WriteOp::Append {
+                    user: alice.clone(),
+                    seq: Seq(i),
+                    record: Bytes::from(format!("e{i}")),
+                }],
+            };
+            writer.try_submit(batch).unwrap();
+        }
+        // A clash with an existing seq fails the batch and poisons its epoch.
+        writer
+            .try_submit(WriteBatch {
+                id: 4,
+                epoch: 0,
+                ops: vec![WriteOp::Append {
+                    user: alice.clone(),
+                    seq: Seq(2),
+                    record: Bytes::from_static(b"clash"),
+                }],
+            })
+            .unwrap();
+        let results: Vec<Completion> =
+            futures_util::executor::block_on(async { (&mut rx).take(4).collect().await });
+        assert_eq!(
+            results.iter().map(|c| c.batch).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
+        assert!(results[3].result.is_err());
+        writer.finish();
+        let events = store.read_log(&alice, Seq(1), Seq(10), 100).unwrap();
+        assert_eq!(events.len(), 3);
+        assert_eq!(events[1], (Seq(2), Bytes::from_static(b"e2")));
+        let snapshot = store.load_user(&alice).unwrap();
+        assert_eq!((snapshot.head, snapshot.low), (Seq(3), Seq(1)));
+        let nobody = store.load_user(&user("nobody")).unwrap();
+        assert_eq!((nobody.head, nobody.low), (Seq(0), Seq(1)));
+    }
+}
