@@ -157,7 +157,7 @@ mod tests {
         encode(
             &Header::new(alg),
             &claims,
-            &EncodingKey::from_secret(secret),
+            &EncodingKey::from_secret(secret).unwrap(),
         )
         .unwrap()
     }

@@ -24,6 +24,7 @@ use tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::error::ProtocolError;
 use tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use crate::auth::Credentials;
@@ -297,11 +298,15 @@ impl Session {
         let conn = self.conn.clone();
         let ws = &mut self.ws;
         poll_fn(|cx| {
-            if !conn.is_empty() || conn.dropped_through.get() >= self.next {
-                return Poll::Ready(Wake::Outbox);
-            }
-            if conn.notify.poll_notified(cx.waker()).is_ready() && !conn.is_empty() {
-                return Poll::Ready(Wake::Outbox);
+            loop {
+                if !conn.is_empty() || conn.dropped_through.get() >= self.next {
+                    return Poll::Ready(Wake::Outbox);
+                }
+                // Pending means the waker is registered; Ready consumed a notification, so
+                // look at the queue again.
+                if conn.notify.poll_notified(cx.waker()).is_pending() {
+                    break;
+                }
             }
             match ws.poll_next_unpin(cx) {
                 Poll::Ready(message) => Poll::Ready(Wake::Inbound(message)),
@@ -413,39 +418,36 @@ impl Session {
     /// Decodes a client frame and routes it to the user's owner.
     fn on_text(&self, text: &[u8]) {
         let shard = &self.shard;
-        let frame = match decode_client_frame(text, shard.config.max_body_bytes) {
-            Ok(frame) => frame,
+        let decoded = match decode_client_frame(text, shard.config.max_body_bytes) {
+            Ok(decoded) => decoded,
             Err(error) => return self.reply_error(error),
         };
+        let reply_id = decoded.id;
         let user = self.conn.user.clone();
         let device = self.conn.device.clone();
         let conn = shard.conn_ref(self.conn.id);
         let owner = shard.owner_of(&user);
-        let (msg, id) = match frame {
-            ClientFrame::Ack { seq } => (
-                ShardMsg::Ack {
-                    user,
-                    device,
-                    conn,
-                    seq,
-                },
-                None,
-            ),
-            ClientFrame::Send { id, to, body } => {
-                let echo = id.as_str().to_owned();
-                (
-                    ShardMsg::Send {
-                        user,
-                        device,
-                        conn,
-                        client: id,
-                        to,
-                        body,
-                    },
-                    Some(echo),
-                )
-            }
-            ClientFrame::Devices => (ShardMsg::Devices { user, conn }, None),
+        let msg = match decoded.frame {
+            ClientFrame::Ack { seq } => ShardMsg::Ack {
+                user,
+                device,
+                conn,
+                seq,
+                reply_id: reply_id.clone(),
+            },
+            ClientFrame::Send { id, to, body } => ShardMsg::Send {
+                user,
+                device,
+                conn,
+                client: id,
+                to,
+                body,
+            },
+            ClientFrame::Devices => ShardMsg::Devices {
+                user,
+                conn,
+                reply_id: reply_id.clone(),
+            },
             ClientFrame::Read { .. }
             | ClientFrame::Typing { .. }
             | ClientFrame::Edit { .. }
@@ -453,17 +455,20 @@ impl Session {
             | ClientFrame::Group { .. }
             | ClientFrame::Unlink { .. }
             | ClientFrame::History { .. } => {
-                return self.reply_error(FrameError::new(
-                    ErrorCode::Internal,
-                    "this frame type is not available on this server yet",
-                ));
+                return self.reply_error(
+                    FrameError::new(
+                        ErrorCode::Internal,
+                        "this frame type is not available on this server yet",
+                    )
+                    .with_id(reply_id.as_deref()),
+                );
             }
         };
         if shard.router.try_route(owner, msg).is_err() {
             self.reply_error(
                 FrameError::new(ErrorCode::Busy, "the user's shard is overloaded")
                     .with_retry(50)
-                    .with_id(id.as_deref()),
+                    .with_id(reply_id.as_deref()),
             );
         }
     }
@@ -474,6 +479,7 @@ fn end_for_error(error: WsError) -> End {
     match error {
         WsError::Capacity(e) => End::Close(1009, format!("frame too large: {e}")),
         WsError::Utf8(_) => End::Close(1007, "text frame is not valid UTF-8".into()),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Gone,
         WsError::Protocol(e) => End::Close(1002, format!("protocol error: {e}")),
         _ => End::Gone,
     }

@@ -304,7 +304,14 @@ impl Shard {
         }
     }
 
-    pub(crate) fn on_ack(&self, user: UserId, device: DeviceId, conn: ConnRef, seq: Seq) {
+    pub(crate) fn on_ack(
+        &self,
+        user: UserId,
+        device: DeviceId,
+        conn: ConnRef,
+        seq: Seq,
+        reply_id: Option<String>,
+    ) {
         let outcome = self.with_user(&user, |state| {
             if seq > state.committed {
                 return Err(state.committed);
@@ -327,13 +334,17 @@ impl Shard {
                 FrameError::new(
                     ErrorCode::BadSeq,
                     format!("ack {} is beyond the head {}", seq.0, head.0),
-                ),
+                )
+                .with_id(reply_id.as_deref()),
             ),
-            Err(e) => self.to_conn_error(conn, Self::store_error_frame(&e)),
+            Err(e) => self.to_conn_error(
+                conn,
+                Self::store_error_frame(&e).with_id(reply_id.as_deref()),
+            ),
         }
     }
 
-    pub(crate) fn on_devices(&self, user: UserId, conn: ConnRef) {
+    pub(crate) fn on_devices(&self, user: UserId, conn: ConnRef, reply_id: Option<String>) {
         let frame = self.with_user(&user, |state| {
             let list: Vec<DeviceListing<'_>> = state
                 .devices
@@ -349,7 +360,10 @@ impl Shard {
         });
         match frame {
             Ok(frame) => self.to_conn(conn, ConnItem::Frame(frame)),
-            Err(e) => self.to_conn_error(conn, Self::store_error_frame(&e)),
+            Err(e) => self.to_conn_error(
+                conn,
+                Self::store_error_frame(&e).with_id(reply_id.as_deref()),
+            ),
         }
     }
 

@@ -165,8 +165,16 @@ pub const HISTORY_LIMIT_DEFAULT: usize = 50;
 /// Longest `id` echoed back in an error (longer ones are not valid ids anyway).
 const ECHO_ID_MAX_BYTES: usize = 128;
 
+/// A decoded frame and the `id` its answers must carry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decoded {
+    pub frame: ClientFrame,
+    /// The frame's `id` field, whatever the type: every error answering it echoes this.
+    pub id: Option<String>,
+}
+
 /// Decodes one text frame. `max_body_bytes` bounds `body` fields (`too_large` beyond).
-pub fn decode_client_frame(text: &[u8], max_body_bytes: usize) -> Result<ClientFrame, FrameError> {
+pub fn decode_client_frame(text: &[u8], max_body_bytes: usize) -> Result<Decoded, FrameError> {
     let value: Value = serde_json::from_slice(text)
         .map_err(|e| FrameError::new(ErrorCode::BadJson, e.to_string()))?;
     let Value::Object(object) = value else {
@@ -184,11 +192,17 @@ pub fn decode_client_frame(text: &[u8], max_body_bytes: usize) -> Result<ClientF
         Some(Value::String(msg)) if msg.len() <= ECHO_ID_MAX_BYTES => Some(msg.clone()),
         _ => None,
     };
-    decode_fields(&fields, max_body_bytes).map_err(|mut e| {
-        e.id = echo_id.map(str::to_owned);
-        e.msg = echo_msg;
-        e
-    })
+    match decode_fields(&fields, max_body_bytes) {
+        Ok(frame) => Ok(Decoded {
+            frame,
+            id: echo_id.map(str::to_owned),
+        }),
+        Err(mut e) => {
+            e.id = echo_id.map(str::to_owned);
+            e.msg = echo_msg;
+            Err(e)
+        }
+    }
 }
 
 fn decode_fields(f: &Fields<'_>, max_body_bytes: usize) -> Result<ClientFrame, FrameError> {
@@ -607,8 +621,9 @@ mod tests {
     fn send_decodes() {
         let frame = decode_client_frame(br#"{"t":"send","id":"c1","to":"g:team","body":"hi"}"#, 16)
             .unwrap();
+        assert_eq!(frame.id.as_deref(), Some("c1"));
         assert_eq!(
-            frame,
+            frame.frame,
             ClientFrame::Send {
                 id: ClientMsgId::parse("c1").unwrap(),
                 to: ChatId::Group(GroupId::parse("team").unwrap()),

@@ -45,6 +45,8 @@ pub enum ShardMsg {
         device: DeviceId,
         conn: ConnRef,
         seq: Seq,
+        /// The frame's `id`, echoed in an error answer.
+        reply_id: Option<String>,
     },
     /// Connection shard → owner of the sender: a `send` frame.
     Send {
@@ -56,7 +58,11 @@ pub enum ShardMsg {
         body: String,
     },
     /// Connection shard → owner: list the user's devices.
-    Devices { user: UserId, conn: ConnRef },
+    Devices {
+        user: UserId,
+        conn: ConnRef,
+        reply_id: Option<String>,
+    },
     /// Sender's owner → recipient's owner: append a message to the recipient's log.
     Deliver(Delivery),
     /// Recipient's owner → sender's owner: the recipient's copy is committed (or failed).

@@ -359,7 +359,8 @@ impl Shard {
                 device,
                 conn,
                 seq,
-            } => self.on_ack(user, device, conn, seq),
+                reply_id,
+            } => self.on_ack(user, device, conn, seq, reply_id),
             ShardMsg::Send {
                 user,
                 device,
@@ -368,7 +369,11 @@ impl Shard {
                 to,
                 body,
             } => self.on_send(user, device, conn, client, to, body),
-            ShardMsg::Devices { user, conn } => self.on_devices(user, conn),
+            ShardMsg::Devices {
+                user,
+                conn,
+                reply_id,
+            } => self.on_devices(user, conn, reply_id),
             ShardMsg::Deliver(delivery) => self.on_deliver(delivery),
             ShardMsg::Delivered { msg, result } => self.on_delivered(msg, result),
         }

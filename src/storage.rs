@@ -580,7 +580,6 @@ impl WriterHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use futures_util::StreamExt;
 
     fn user(s: &str) -> UserId {
         UserId::parse(s).unwrap()
@@ -625,8 +624,14 @@ mod tests {
                 }],
             })
             .unwrap();
-        let results: Vec<Completion> =
-            futures_util::executor::block_on(async { (&mut rx).take(4).collect().await });
+        let mut results: Vec<Completion> = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while results.len() < 4 && std::time::Instant::now() < deadline {
+            match rx.try_recv() {
+                Ok(completion) => results.push(completion),
+                _ => thread::sleep(Duration::from_millis(5)),
+            }
+        }
         assert_eq!(
             results.iter().map(|c| c.batch).collect::<Vec<_>>(),
             [1, 2, 3, 4]
