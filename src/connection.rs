@@ -106,6 +106,8 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
 /// Upgrades the connection, checking credentials inside the handshake (401 before upgrade).
 async fn handshake(shard: &Shard, stream: TcpStream) -> Option<(Ws, Credentials)> {
     let mut creds = None;
+    // The error type is tungstenite's (an HTTP response); its size is not ours to choose.
+    #[allow(clippy::result_large_err)]
     let callback = |request: &Request, response: Response| {
         if request.uri().path() != "/v1/ws" {
             return Err(http_error(

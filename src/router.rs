@@ -18,6 +18,7 @@ use std::rc::Rc;
 
 use bytes::Bytes;
 use glommio::channels::channel_mesh::Senders;
+use glommio::channels::shared_channel::ConnectedReceiver;
 use glommio::{GlommioError, ResourceType};
 
 use crate::ids::{ChatId, ClientMsgId, ConnId, ConnRef, DeviceId, MsgId, Seq, ShardId, UserId};
@@ -225,6 +226,14 @@ impl Router {
                 None if self.closed.get() => return,
                 None => destination.ready.wait().await,
             }
+        }
+    }
+
+    /// Drains one peer's ring into `dispatch`, in order. Only receives: never sends.
+    pub async fn receive_from(receiver: ConnectedReceiver<ShardMsg>, dispatch: impl Fn(ShardMsg)) {
+        while let Some(msg) = receiver.recv().await {
+            dispatch(msg);
+            glommio::yield_if_needed().await;
         }
     }
 }

@@ -252,7 +252,9 @@ async fn start_shard(
     let local = shard.clone();
     glommio::spawn_local(router.clone().pump_local(move |msg| local.dispatch(msg))).detach();
     for (_, receiver) in receivers.streams() {
-        glommio::spawn_local(shard.clone().receive_from(receiver)).detach();
+        let local = shard.clone();
+        glommio::spawn_local(Router::receive_from(receiver, move |msg| local.dispatch(msg)))
+            .detach();
     }
     let recovered = shard
         .recover_pending()

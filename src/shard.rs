@@ -379,17 +379,6 @@ impl Shard {
         }
     }
 
-    /// Drains one peer's ring into `dispatch`. Only receives: never sends (see router).
-    pub async fn receive_from(
-        self: Rc<Self>,
-        receiver: glommio::channels::shared_channel::ConnectedReceiver<ShardMsg>,
-    ) {
-        while let Some(msg) = receiver.recv().await {
-            self.dispatch(msg);
-            glommio::yield_if_needed().await;
-        }
-    }
-
     // -----------------------------------------------------------------------------------------
     // Commit pipeline.
 
