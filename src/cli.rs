@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -52,6 +53,22 @@ pub struct ServeArgs {
     /// File holding the HS256 secret for client JWTs.
     #[arg(long, env = "COURIER_AUTH_SECRET_FILE")]
     pub auth_secret_file: Option<PathBuf>,
+    /// Age after which events are pruned, in seconds (default 30 days).
+    #[arg(long, env = "COURIER_RETENTION_SECS")]
+    pub retention_secs: Option<u64>,
+    /// How often expired events are looked for, in milliseconds (default 60 s).
+    #[arg(long, env = "COURIER_PRUNE_INTERVAL_MS")]
+    pub prune_interval_ms: Option<u64>,
+    /// How long the sender may edit a message, in seconds (default 15 min).
+    #[arg(long, env = "COURIER_EDIT_WINDOW_SECS")]
+    pub edit_window_secs: Option<u64>,
+    /// How long the sender may delete a message for everyone, in seconds (default 48 h).
+    #[arg(long, env = "COURIER_DELETE_WINDOW_SECS")]
+    pub delete_window_secs: Option<u64>,
+    /// Tests only: accept `{"t":"dev_clock","advance_ms":N}` to move the server clock forward.
+    /// Requires --dev.
+    #[arg(long, hide = true, requires = "dev")]
+    pub dev_clock: bool,
     /// Durability of acknowledged messages.
     #[arg(long, value_enum, default_value = "fsync", env = "COURIER_DURABILITY")]
     pub durability: DurabilityArg,
@@ -63,6 +80,19 @@ impl ServeArgs {
         let mut config = Config::new(self.listen, self.data_dir);
         config.shards = self.shards;
         config.dev = self.dev;
+        config.dev_clock = self.dev_clock;
+        if let Some(secs) = self.retention_secs {
+            config.retention = Duration::from_secs(secs);
+        }
+        if let Some(ms) = self.prune_interval_ms {
+            config.prune_interval = Duration::from_millis(ms.max(10));
+        }
+        if let Some(secs) = self.edit_window_secs {
+            config.edit_window = Duration::from_secs(secs);
+        }
+        if let Some(secs) = self.delete_window_secs {
+            config.delete_window = Duration::from_secs(secs);
+        }
         config.durability = match self.durability {
             DurabilityArg::Fsync => Durability::Fsync,
             DurabilityArg::ProcessCrash => Durability::ProcessCrashSafe,

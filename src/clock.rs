@@ -4,7 +4,17 @@
 //! monotonic timers).
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+/// How far the dev clock was moved forward, process-wide (only `--dev-clock` moves it, so tests
+/// can cross edit windows and retention without sleeping). Zero in production.
+static DEV_OFFSET_MS: AtomicU64 = AtomicU64::new(0);
+
+/// Moves every shard's clock forward by `ms` (tests only: the caller checks `dev_clock`).
+pub fn advance_dev_clock(ms: u64) {
+    DEV_OFFSET_MS.fetch_add(ms, Ordering::Relaxed);
+}
 
 pub struct Clock {
     /// `Some` pins the clock (tests); `None` reads the system clock.
@@ -27,10 +37,13 @@ impl Clock {
     pub fn now_ms(&self) -> u64 {
         match self.fixed_ms.get() {
             Some(ms) => ms,
-            None => SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
+            None => {
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0)
+                    + DEV_OFFSET_MS.load(Ordering::Relaxed)
+            }
         }
     }
 }

@@ -70,6 +70,24 @@ pub struct Config {
     pub commit_batch_max_ops: usize,
     /// Events read from the log per page when a device catches up (bounds memory per catch-up).
     pub catchup_page_events: usize,
+    /// Events older than this are pruned in the background; `low` in `hello` rises.
+    pub retention: Duration,
+    /// How often each shard looks for expired events.
+    pub prune_interval: Duration,
+    /// Most events one prune pass deletes (bounds the write it adds to the shard's commits).
+    pub prune_batch_events: usize,
+    /// How long after sending the sender may edit a message. Beyond: `forbidden`.
+    pub edit_window: Duration,
+    /// How long after sending the sender may delete a message for everyone. Beyond: `forbidden`.
+    pub delete_window: Duration,
+    /// Typing indicators one connection may send per second (burst: twice that). Beyond:
+    /// `rate_limited` with the time until the next token.
+    pub typing_per_second: u32,
+    /// Most log events one ack examines for delivered receipts; events beyond are examined by
+    /// the device's next ack.
+    pub receipt_scan_max_events: usize,
+    /// Accept the `dev_clock` frame that moves the server clock (tests only; needs `dev`).
+    pub dev_clock: bool,
     /// LMDB map size per shard: address space reserved, not memory used. At the bound: writes
     /// fail and `send` gets `busy` (map full) while reads and live delivery continue.
     pub lmdb_map_bytes: usize,
@@ -106,6 +124,14 @@ impl Config {
             pending_commits_max: 1024,
             commit_batch_max_ops: 8192,
             catchup_page_events: 256,
+            retention: Duration::from_secs(30 * 24 * 3600),
+            prune_interval: Duration::from_secs(60),
+            prune_batch_events: 10_000,
+            edit_window: Duration::from_secs(15 * 60),
+            delete_window: Duration::from_secs(48 * 3600),
+            typing_per_second: 5,
+            receipt_scan_max_events: 10_000,
+            dev_clock: false,
             lmdb_map_bytes: 64 << 30,
         }
     }

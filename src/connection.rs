@@ -20,18 +20,22 @@ use futures_util::future::{Either, select};
 use futures_util::{AsyncReadExt, SinkExt, StreamExt};
 use glommio::net::TcpStream;
 use glommio::timer::Timer;
+use tungstenite::error::ProtocolError;
 use tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::error::ProtocolError;
 use tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use crate::auth::Credentials;
-use crate::ids::Seq;
-use crate::protocol::{ClientFrame, ErrorCode, FrameError, decode_client_frame, encode_hello};
+use crate::ids::{ChatId, MsgId, Seq};
+use crate::protocol::{
+    ClientFrame, ErrorCode, FrameError, decode_client_frame, encode_hello, encode_history,
+    rewrite_edited,
+};
 use crate::router::{ConnItem, ShardMsg};
 use crate::shard::{ConnShared, Shard};
+use crate::storage::{MsgChange, StoreError};
 
 type Ws = WebSocketStream<TcpStream>;
 
@@ -47,6 +51,8 @@ const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A socket that accepts no bytes for this long is dropped (a reader that stopped reading).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most index pages one `history` request reads (pages of `limit` entries).
+const HISTORY_PAGES_MAX: usize = 8;
 /// Most outbound items written before checking the socket for inbound frames again.
 const DRAIN_ITEMS_MAX: usize = 256;
 
@@ -450,19 +456,106 @@ impl Session {
                 conn,
                 reply_id: reply_id.clone(),
             },
-            ClientFrame::Read { .. }
-            | ClientFrame::Typing { .. }
-            | ClientFrame::Edit { .. }
-            | ClientFrame::Delete { .. }
-            | ClientFrame::Group { .. }
-            | ClientFrame::Unlink { .. }
-            | ClientFrame::History { .. } => {
+            ClientFrame::Read { chat, up_to } => ShardMsg::Read {
+                user,
+                conn,
+                chat,
+                up_to,
+                reply_id: reply_id.clone(),
+            },
+            ClientFrame::Edit { msg, body } => ShardMsg::Edit {
+                user,
+                conn,
+                msg,
+                body,
+                reply_id: reply_id.clone(),
+            },
+            ClientFrame::Delete { msg, scope } => ShardMsg::Delete {
+                user,
+                conn,
+                msg,
+                scope,
+                reply_id: reply_id.clone(),
+            },
+            ClientFrame::Unlink { device } => ShardMsg::Unlink {
+                user,
+                conn,
+                device,
+                reply_id: reply_id.clone(),
+            },
+            ClientFrame::Typing { chat, on } => {
+                let peer = match chat {
+                    ChatId::Direct(peer) => peer,
+                    ChatId::Group(group) => {
+                        return self.reply_error(
+                            FrameError::new(
+                                ErrorCode::NotMember,
+                                format!("you are not a member of g:{group}"),
+                            )
+                            .with_id(reply_id.as_deref()),
+                        );
+                    }
+                };
+                if let Err(retry_ms) = self.conn.take_typing_token(shard.config.typing_per_second) {
+                    return self.reply_error(
+                        FrameError::new(ErrorCode::RateLimited, "too many typing indicators")
+                            .with_retry(retry_ms)
+                            .with_id(reply_id.as_deref()),
+                    );
+                }
+                if peer == user {
+                    return; // Typing in one's own notes shows nowhere.
+                }
+                let to_owner = shard.owner_of(&peer);
+                let typing = ShardMsg::Typing {
+                    to: peer,
+                    chat: user.as_str().to_owned(),
+                    from: user,
+                    on,
+                };
+                // Ephemeral: at the bound it is dropped, never queued without limit.
+                let _ = shard.router.try_route(to_owner, typing);
+                return;
+            }
+            ClientFrame::History {
+                chat,
+                before,
+                limit,
+            } => {
+                let frame = match self.history(&chat, before, limit) {
+                    Ok(frame) => ConnItem::Frame(frame),
+                    Err(e) => ConnItem::Frame(
+                        Shard::store_error_frame(&e)
+                            .with_id(reply_id.as_deref())
+                            .encode(),
+                    ),
+                };
+                self.conn.push(frame, usize::MAX);
+                return;
+            }
+            ClientFrame::Group { .. } => {
                 return self.reply_error(
                     FrameError::new(
                         ErrorCode::Internal,
-                        "this frame type is not available on this server yet",
+                        "groups are not available on this server yet",
                     )
                     .with_id(reply_id.as_deref()),
+                );
+            }
+            ClientFrame::DevClock { advance_ms } => {
+                if !shard.config.dev_clock {
+                    return self.reply_error(
+                        FrameError::new(ErrorCode::UnknownType, "unknown frame type \"dev_clock\"")
+                            .with_id(reply_id.as_deref()),
+                    );
+                }
+                crate::clock::advance_dev_clock(advance_ms);
+                return self.conn.push(
+                    ConnItem::Frame(Bytes::from(format!(
+                        "{{\"t\":\"dev_clock\",\"now\":{}}}",
+                        shard.clock.now_ms()
+                    ))),
+                    usize::MAX,
                 );
             }
         };
@@ -473,6 +566,54 @@ impl Session {
                     .with_id(reply_id.as_deref()),
             );
         }
+    }
+}
+
+impl Session {
+    /// A page of one chat from the caller's log, newest first: deleted messages are left out,
+    /// edited ones show their latest body. Served from the owner's store without a hop (the
+    /// index and committed records are immutable or only grow).
+    fn history(
+        &self,
+        chat: &ChatId,
+        before: Option<MsgId>,
+        limit: usize,
+    ) -> Result<Bytes, StoreError> {
+        let chat_name = match chat {
+            ChatId::Direct(peer) => peer.as_str().to_owned(),
+            ChatId::Group(group) => format!("g:{group}"),
+        };
+        let user = &self.conn.user;
+        let store = &self.shard.stores[self.shard.owner_of(user).0];
+        let mut events = Vec::with_capacity(limit);
+        let mut cursor = before;
+        // Bounded: a run of deleted messages cannot make one request scan without end.
+        for _ in 0..HISTORY_PAGES_MAX {
+            let page = store.chat_page(user, &chat_name, cursor, limit)?;
+            for (msg, seq) in &page {
+                if events.len() == limit {
+                    break;
+                }
+                let change = store.msg_change(user, *msg)?;
+                if change == Some(MsgChange::Deleted) {
+                    continue;
+                }
+                let Some(record) = store.read_record(user, *seq)? else {
+                    continue; // Pruned.
+                };
+                match change {
+                    Some(MsgChange::Edited(body)) => {
+                        events.push(rewrite_edited(&record, &body).unwrap_or(record));
+                    }
+                    _ => events.push(record),
+                }
+            }
+            if events.len() == limit || page.len() < limit {
+                break;
+            }
+            cursor = page.last().map(|(msg, _)| *msg);
+        }
+        Ok(encode_history(&chat_name, &events))
     }
 }
 

@@ -17,3 +17,4 @@ mod router;
 pub mod server;
 mod shard;
 pub mod storage;
+mod sync;

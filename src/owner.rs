@@ -17,7 +17,7 @@
 //!    confirms to OA; OA answers `sent` and forgets the pending record. A crash between 1 and 3
 //!    leaves the pending record, which OA re-drives at start-up.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
 
@@ -27,7 +27,7 @@ use crate::protocol::{
 };
 use crate::router::{ConnItem, Delivery, ShardMsg};
 use crate::shard::{AfterCommit, Shard};
-use crate::storage::{StoreError, WriteOp};
+use crate::storage::{StoreError, WatermarkKind, WriteOp};
 
 /// One linked device of an owned user.
 #[derive(Debug)]
@@ -53,10 +53,32 @@ pub struct UserState {
     pub low: Seq,
     /// Linked devices, bounded by `max_devices_per_user`.
     pub devices: BTreeMap<DeviceId, DeviceState>,
+    /// Receipt and read watermarks per (kind, chat); one entry per chat the user has marked or
+    /// been sent receipts in.
+    pub watermarks: HashMap<(WatermarkKind, String), u64>,
 }
 
 impl UserState {
-    fn next_seq(&mut self) -> Seq {
+    /// A watermark (0 when never set).
+    pub fn watermark(&self, kind: WatermarkKind, chat: &str) -> u64 {
+        self.watermarks
+            .get(&(kind, chat.to_owned()))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Raises a watermark; returns whether it moved.
+    pub fn raise_watermark(&mut self, kind: WatermarkKind, chat: &str, value: u64) -> bool {
+        let slot = self.watermarks.entry((kind, chat.to_owned())).or_insert(0);
+        if value > *slot {
+            *slot = value;
+            true
+        } else {
+            false
+        }
+    }
+
+    pub(crate) fn next_seq(&mut self) -> Seq {
         self.head = self.head.next();
         self.head
     }
@@ -118,6 +140,11 @@ impl Shard {
                                 },
                             )
                         })
+                        .collect(),
+                    watermarks: snapshot
+                        .watermarks
+                        .into_iter()
+                        .map(|(kind, chat, value)| ((kind, chat), value))
                         .collect(),
                 },
             );
@@ -326,7 +353,10 @@ impl Shard {
         });
         match outcome {
             Ok(Ok(true)) => {
-                self.cursor_dirty.borrow_mut().insert((user, device));
+                self.cursor_dirty
+                    .borrow_mut()
+                    .insert((user.clone(), device));
+                self.emit_delivered_receipts(&user, seq);
             }
             Ok(Ok(false)) => {}
             Ok(Err(head)) => self.to_conn_error(
@@ -472,6 +502,12 @@ impl Shard {
             msg,
             seq,
         });
+        ops.push(WriteOp::IndexChat {
+            user: user.clone(),
+            chat: recipient.as_str().to_owned(),
+            msg,
+            seq,
+        });
         ops.push(WriteOp::PutDedupe {
             user: user.clone(),
             device: device.clone(),
@@ -601,6 +637,12 @@ impl Shard {
             },
             WriteOp::IndexMsg {
                 user: delivery.to.clone(),
+                msg: delivery.msg,
+                seq,
+            },
+            WriteOp::IndexChat {
+                user: delivery.to.clone(),
+                chat: delivery.from.as_str().to_owned(),
                 msg: delivery.msg,
                 seq,
             },
@@ -734,6 +776,15 @@ impl Shard {
                 self.delivering.borrow_mut().remove(&(user, msg));
                 self.confirm(origin, msg, Ok(()));
             }
+            AfterCommit::ForwardForeign(event) => {
+                let owner = self.owner_of(&event.to);
+                self.router.route(owner, ShardMsg::Append(event));
+            }
+            AfterCommit::Pruned { user, low } => {
+                if let Some(state) = self.users.borrow_mut().get_mut(&user) {
+                    state.low = state.low.max(low);
+                }
+            }
         }
     }
 
@@ -778,12 +829,16 @@ impl Shard {
                 self.delivering.borrow_mut().remove(&(user, msg));
                 self.confirm(origin, msg, Err(Self::store_error_frame(error).code));
             }
+            // The edit or delete never reached the sender's log: the peer needs nothing.
+            AfterCommit::ForwardForeign(_) => {}
+            // The prune is retried by the next pass.
+            AfterCommit::Pruned { .. } => {}
         }
     }
 
     /// Events are durable: advance the committed head and push them to online devices. Every
     /// device gets the same `Bytes` (one serialization per user's copy).
-    fn publish(&self, user: &UserId, events: Vec<(Seq, Bytes)>) {
+    pub(crate) fn publish(&self, user: &UserId, events: Vec<(Seq, Bytes)>) {
         let targets = {
             let mut users = self.users.borrow_mut();
             let Some(state) = users.get_mut(user) else {

@@ -82,6 +82,11 @@ impl FrameError {
         self
     }
 
+    pub fn with_msg(mut self, msg: MsgId) -> Self {
+        self.msg = Some(msg.0.to_string());
+        self
+    }
+
     pub fn with_retry(mut self, retry_ms: u64) -> Self {
         self.retry_ms = Some(retry_ms);
         self
@@ -156,6 +161,8 @@ pub enum ClientFrame {
         before: Option<MsgId>,
         limit: usize,
     },
+    /// Tests only (`--dev-clock`): move the server clock forward.
+    DevClock { advance_ms: u64 },
 }
 
 /// Largest `history` page; a larger `limit` is clamped to this.
@@ -305,6 +312,9 @@ fn decode_fields(f: &Fields<'_>, max_body_bytes: usize) -> Result<ClientFrame, F
                 limit,
             })
         }
+        "dev_clock" => Ok(ClientFrame::DevClock {
+            advance_ms: f.u64("advance_ms")?,
+        }),
         other => Err(FrameError::new(
             ErrorCode::UnknownType,
             format!("unknown frame type {:?}", truncate(other, 64)),
@@ -465,6 +475,42 @@ pub enum EventBody<'a> {
     },
     /// A device was linked or unlinked.
     Device { op: &'static str, device: &'a str },
+    /// `by` has received (`delivered`) or read (`read`) every message in `chat` up to `up_to`.
+    Receipt {
+        chat: &'a str,
+        by: &'a str,
+        status: &'static str,
+        up_to: MsgId,
+    },
+    /// This user read `chat` up to `up_to` on one of their devices.
+    Read { chat: &'a str, up_to: MsgId },
+    /// The sender replaced the body of `msg`.
+    Edit {
+        chat: &'a str,
+        msg: MsgId,
+        body: &'a str,
+    },
+    /// `msg` was deleted for everyone, or (`me`) for this user.
+    Delete {
+        chat: &'a str,
+        msg: MsgId,
+        scope: &'static str,
+    },
+}
+
+fn push_msg_id(out: &mut Vec<u8>, field: &str, msg: MsgId) {
+    out.extend_from_slice(b",\"");
+    out.extend_from_slice(field.as_bytes());
+    out.extend_from_slice(b"\":\"");
+    push_u64(out, msg.0);
+    out.push(b'"');
+}
+
+fn push_str_field(out: &mut Vec<u8>, field: &str, value: &str) {
+    out.extend_from_slice(b",\"");
+    out.extend_from_slice(field.as_bytes());
+    out.extend_from_slice(b"\":");
+    push_json_str(out, value);
 }
 
 /// Encodes one log event. The same bytes are stored in the log and sent to every device.
@@ -494,10 +540,38 @@ pub fn encode_event(seq: Seq, ts_ms: u64, body: &EventBody<'_>) -> Bytes {
             push_json_str(&mut out, body);
         }
         EventBody::Device { op, device } => {
-            out.extend_from_slice(b",\"kind\":\"device\",\"op\":");
-            push_json_str(&mut out, op);
-            out.extend_from_slice(b",\"device\":");
-            push_json_str(&mut out, device);
+            out.extend_from_slice(b",\"kind\":\"device\"");
+            push_str_field(&mut out, "op", op);
+            push_str_field(&mut out, "device", device);
+        }
+        EventBody::Receipt {
+            chat,
+            by,
+            status,
+            up_to,
+        } => {
+            out.extend_from_slice(b",\"kind\":\"receipt\"");
+            push_str_field(&mut out, "chat", chat);
+            push_str_field(&mut out, "by", by);
+            push_str_field(&mut out, "status", status);
+            push_msg_id(&mut out, "up_to", *up_to);
+        }
+        EventBody::Read { chat, up_to } => {
+            out.extend_from_slice(b",\"kind\":\"read\"");
+            push_str_field(&mut out, "chat", chat);
+            push_msg_id(&mut out, "up_to", *up_to);
+        }
+        EventBody::Edit { chat, msg, body } => {
+            out.extend_from_slice(b",\"kind\":\"edit\"");
+            push_str_field(&mut out, "chat", chat);
+            push_msg_id(&mut out, "msg", *msg);
+            push_str_field(&mut out, "body", body);
+        }
+        EventBody::Delete { chat, msg, scope } => {
+            out.extend_from_slice(b",\"kind\":\"delete\"");
+            push_str_field(&mut out, "chat", chat);
+            push_msg_id(&mut out, "msg", *msg);
+            push_str_field(&mut out, "scope", scope);
         }
     }
     out.push(b'}');
@@ -549,22 +623,87 @@ pub fn encode_devices(list: &[DeviceListing<'_>]) -> Bytes {
     Bytes::from(serde_json::json!({"t": "devices", "list": list}).to_string())
 }
 
+/// `typing`, as the receiver names the chat.
+pub fn encode_typing(chat: &str, from: &str, on: bool) -> Bytes {
+    Bytes::from(
+        serde_json::json!({"t": "typing", "chat": chat, "from": from, "on": on}).to_string(),
+    )
+}
+
+/// `history`: a page of one chat, newest first; each entry is a stored event, possibly
+/// rewritten to show its latest edit.
+pub fn encode_history(chat: &str, events: &[Bytes]) -> Bytes {
+    let mut out = Vec::with_capacity(64 + events.iter().map(|e| e.len() + 1).sum::<usize>());
+    out.extend_from_slice(b"{\"t\":\"history\",\"chat\":");
+    push_json_str(&mut out, chat);
+    out.extend_from_slice(b",\"msgs\":[");
+    for (i, event) in events.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(event);
+    }
+    out.extend_from_slice(b"]}");
+    Bytes::from(out)
+}
+
+/// The parts of a stored `msg` event that edits, deletes and receipts need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMsg {
+    pub ts_ms: u64,
+    pub chat: String,
+    pub from: String,
+    pub msg: MsgId,
+}
+
+/// Decodes a stored record if it is a `msg` event; `None` for other kinds or garbage.
+pub fn decode_stored_msg(record: &[u8]) -> Option<StoredMsg> {
+    let value: Value = serde_json::from_slice(record).ok()?;
+    if value.get("kind")?.as_str()? != "msg" {
+        return None;
+    }
+    Some(StoredMsg {
+        ts_ms: value.get("ts")?.as_u64()?,
+        chat: value.get("chat")?.as_str()?.to_owned(),
+        from: value.get("from")?.as_str()?.to_owned(),
+        msg: parse_msg_id(value.get("msg")?.as_str()?)?,
+    })
+}
+
+/// Rewrites a stored `msg` event to carry its latest body and `"edited":true` (history pages).
+pub fn rewrite_edited(record: &[u8], body: &str) -> Option<Bytes> {
+    let mut value: Value = serde_json::from_slice(record).ok()?;
+    let object = value.as_object_mut()?;
+    object.insert("body".into(), Value::String(body.to_owned()));
+    object.insert("edited".into(), Value::Bool(true));
+    Some(Bytes::from(value.to_string()))
+}
+
 /// What a stored log record says about itself; used when reading the log back.
 #[derive(Debug, PartialEq, Eq)]
 pub struct RecordHeader {
     pub seq: Seq,
+    pub ts_ms: u64,
 }
 
-/// Reads the `seq` of a stored event record, refusing anything that is not one.
+/// Reads the `seq` and `ts` of a stored event record, refusing anything that is not one.
 pub fn decode_record_header(record: &[u8]) -> Option<RecordHeader> {
-    const PREFIX: &[u8] = b"{\"t\":\"ev\",\"seq\":";
-    let rest = record.strip_prefix(PREFIX)?;
-    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-    if digits == 0 || digits > 20 {
-        return None;
+    fn number(bytes: &[u8]) -> Option<(u64, &[u8])> {
+        let digits = bytes.iter().take_while(|b| b.is_ascii_digit()).count();
+        if digits == 0 || digits > 20 {
+            return None;
+        }
+        let n = std::str::from_utf8(&bytes[..digits]).ok()?.parse().ok()?;
+        Some((n, &bytes[digits..]))
     }
-    let seq = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
-    Some(RecordHeader { seq: Seq(seq) })
+    let rest = record.strip_prefix(b"{\"t\":\"ev\",\"seq\":")?;
+    let (seq, rest) = number(rest)?;
+    let rest = rest.strip_prefix(b",\"ts\":")?;
+    let (ts_ms, _) = number(rest)?;
+    Some(RecordHeader {
+        seq: Seq(seq),
+        ts_ms,
+    })
 }
 
 #[cfg(test)]
@@ -651,7 +790,10 @@ mod tests {
         assert_eq!(json["body"], "hi \"there\"\n");
         assert_eq!(
             decode_record_header(&bytes),
-            Some(RecordHeader { seq: Seq(7) })
+            Some(RecordHeader {
+                seq: Seq(7),
+                ts_ms: 1733150000123
+            })
         );
         assert_eq!(decode_record_header(b"{\"t\":\"ev\",\"seq\":x"), None);
         assert_eq!(decode_record_header(b""), None);

@@ -23,7 +23,7 @@ use glommio::{GlommioError, ResourceType};
 
 use crate::ids::{ChatId, ClientMsgId, ConnId, ConnRef, DeviceId, MsgId, Seq, ShardId, UserId};
 use crate::notify::Notify;
-use crate::protocol::ErrorCode;
+use crate::protocol::{DeleteScope, ErrorCode};
 
 /// A message between shards (or from a shard to itself).
 #[derive(Debug)]
@@ -64,6 +64,47 @@ pub enum ShardMsg {
         conn: ConnRef,
         reply_id: Option<String>,
     },
+    /// Connection shard → owner: a read mark.
+    Read {
+        user: UserId,
+        conn: ConnRef,
+        chat: ChatId,
+        up_to: MsgId,
+        reply_id: Option<String>,
+    },
+    /// Connection shard → owner: edit a message (sender only).
+    Edit {
+        user: UserId,
+        conn: ConnRef,
+        msg: MsgId,
+        body: String,
+        reply_id: Option<String>,
+    },
+    /// Connection shard → owner: delete a message.
+    Delete {
+        user: UserId,
+        conn: ConnRef,
+        msg: MsgId,
+        scope: DeleteScope,
+        reply_id: Option<String>,
+    },
+    /// Connection shard → owner: unlink one of the user's devices.
+    Unlink {
+        user: UserId,
+        conn: ConnRef,
+        device: DeviceId,
+        reply_id: Option<String>,
+    },
+    /// Connection shard → owner of `to`: show a typing indicator on `to`'s online devices.
+    Typing {
+        to: UserId,
+        /// The chat as `to` names it.
+        chat: String,
+        from: UserId,
+        on: bool,
+    },
+    /// One owner → another: append an event that follows from something in another log.
+    Append(ForeignEvent),
     /// Sender's owner → recipient's owner: append a message to the recipient's log.
     Deliver(Delivery),
     /// Recipient's owner → sender's owner: the recipient's copy is committed (or failed).
@@ -86,6 +127,33 @@ pub struct Delivery {
     pub body: String,
     /// The shard that owns the sender and waits for the confirmation.
     pub origin: ShardId,
+}
+
+/// An event for `to`'s log caused by another user's action.
+#[derive(Debug, Clone)]
+pub struct ForeignEvent {
+    pub to: UserId,
+    pub ts_ms: u64,
+    pub kind: ForeignKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum ForeignKind {
+    /// `by` received (`read` = false) or read (`read` = true) `chat` up to `up_to`.
+    Receipt {
+        chat: String,
+        by: UserId,
+        read: bool,
+        up_to: MsgId,
+    },
+    /// The sender edited `msg` in `chat` (as `to` names it).
+    Edit {
+        chat: String,
+        msg: MsgId,
+        body: String,
+    },
+    /// The sender deleted `msg` for everyone.
+    Delete { chat: String, msg: MsgId },
 }
 
 /// What a connection receives from the shards.

@@ -245,6 +245,7 @@ async fn start_shard(
     glommio::spawn_local(shard.clone().run_completions(completions_rx)).detach();
     glommio::spawn_local(shard.clone().sweep_idle_connections()).detach();
     glommio::spawn_local(shard.clone().run_lazy_flush()).detach();
+    glommio::spawn_local(shard.clone().run_retention()).detach();
     let senders = Rc::new(senders);
     for peer in (0..config.shard_count()).filter(|p| *p != id.0) {
         glommio::spawn_local(router.clone().pump_remote(ShardId(peer), senders.clone())).detach();
@@ -253,8 +254,10 @@ async fn start_shard(
     glommio::spawn_local(router.clone().pump_local(move |msg| local.dispatch(msg))).detach();
     for (_, receiver) in receivers.streams() {
         let local = shard.clone();
-        glommio::spawn_local(Router::receive_from(receiver, move |msg| local.dispatch(msg)))
-            .detach();
+        glommio::spawn_local(Router::receive_from(receiver, move |msg| {
+            local.dispatch(msg)
+        }))
+        .detach();
     }
     let recovered = shard
         .recover_pending()

@@ -29,7 +29,7 @@ use crate::msgid::MsgIdMinter;
 use crate::notify::{Notify, yield_now};
 use crate::owner::{Inflight, UserState};
 use crate::protocol::{ErrorCode, FrameError};
-use crate::router::{ConnItem, Delivery, Router, ShardMsg};
+use crate::router::{ConnItem, Delivery, ForeignEvent, Router, ShardMsg};
 use crate::storage::{Completion, Store, StoreError, WriteBatch, WriteOp, WriterHandle};
 
 /// Meta key of the highest message id this shard minted.
@@ -59,6 +59,10 @@ pub enum AfterCommit {
         user: UserId,
         msg: MsgId,
     },
+    /// The sender's edit or delete is durable: hand the peer's copy to its owner.
+    ForwardForeign(ForeignEvent),
+    /// Expired events of `user` are gone: `low` rises to `low`.
+    Pruned { user: UserId, low: Seq },
 }
 
 /// Work staged for the next batch.
@@ -84,10 +88,13 @@ pub struct ConnShared {
     pub notify: Notify,
     pub last_rx: Cell<Instant>,
     pub pinged: Cell<bool>,
+    /// Typing tokens left (token bucket, refilled at `typing_per_second`).
+    pub typing_tokens: Cell<f64>,
+    pub typing_refilled: Cell<Instant>,
 }
 
 impl ConnShared {
-    fn new(id: ConnId, user: UserId, device: DeviceId) -> Self {
+    fn new(id: ConnId, user: UserId, device: DeviceId, typing_burst: f64) -> Self {
         ConnShared {
             id,
             user,
@@ -100,6 +107,8 @@ impl ConnShared {
             notify: Notify::default(),
             last_rx: Cell::new(Instant::now()),
             pinged: Cell::new(false),
+            typing_tokens: Cell::new(typing_burst),
+            typing_refilled: Cell::new(Instant::now()),
         }
     }
 
@@ -142,6 +151,25 @@ impl ConnShared {
 
     pub fn is_empty(&self) -> bool {
         self.outbox.borrow().is_empty()
+    }
+
+    /// Takes a typing token; `Err(ms until the next token)` when the bucket is empty. The
+    /// bucket holds two seconds' worth and starts full.
+    pub fn take_typing_token(&self, per_second: u32) -> Result<(), u64> {
+        let rate = f64::from(per_second.max(1));
+        let capacity = rate * 2.0;
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.typing_refilled.get()).as_secs_f64();
+        let mut tokens = (self.typing_tokens.get() + elapsed * rate).min(capacity);
+        self.typing_refilled.set(now);
+        if tokens >= 1.0 {
+            tokens -= 1.0;
+            self.typing_tokens.set(tokens);
+            Ok(())
+        } else {
+            self.typing_tokens.set(tokens);
+            Err((((1.0 - tokens) / rate) * 1000.0).ceil() as u64)
+        }
     }
 }
 
@@ -245,7 +273,8 @@ impl Shard {
         }
         let id = ConnId(self.next_conn.get());
         self.next_conn.set(id.0 + 1);
-        let conn = Rc::new(ConnShared::new(id, user, device));
+        let typing_burst = 2.0 * f64::from(self.config.typing_per_second.max(1));
+        let conn = Rc::new(ConnShared::new(id, user, device, typing_burst));
         conns.insert(id, conn.clone());
         Some(conn)
     }
@@ -375,6 +404,35 @@ impl Shard {
                 reply_id,
             } => self.on_devices(user, conn, reply_id),
             ShardMsg::Deliver(delivery) => self.on_deliver(delivery),
+            ShardMsg::Read {
+                user,
+                conn,
+                chat,
+                up_to,
+                reply_id,
+            } => self.on_read(user, conn, chat, up_to, reply_id),
+            ShardMsg::Edit {
+                user,
+                conn,
+                msg,
+                body,
+                reply_id,
+            } => self.on_edit(user, conn, msg, body, reply_id),
+            ShardMsg::Delete {
+                user,
+                conn,
+                msg,
+                scope,
+                reply_id,
+            } => self.on_delete(user, conn, msg, scope, reply_id),
+            ShardMsg::Unlink {
+                user,
+                conn,
+                device,
+                reply_id,
+            } => self.on_unlink(user, conn, device, reply_id),
+            ShardMsg::Typing { to, chat, from, on } => self.on_typing(to, chat, from, on),
+            ShardMsg::Append(event) => self.on_foreign_event(event),
             ShardMsg::Delivered { msg, result } => self.on_delivered(msg, result),
         }
     }

@@ -13,6 +13,9 @@
 //! - `dedupe`:       user \0 device \0 client id    → msg id (u64 BE) ++ ts ms (u64 BE)
 //! - `dedupe_order`: user \0 device \0 order(u64 BE)→ client id (oldest first, for the window)
 //! - `msg_index`:    user \0 msg id(u64 BE)         → seq (u64 BE) of that message in the log
+//! - `chat_index`:   user \0 chat \0 msg id(u64 BE)→ seq (u64 BE): one chat's messages, for history
+//! - `msg_changes`:  user \0 msg id(u64 BE)         → 'd' (deleted) or 'e' ++ latest body (edited)
+//! - `watermarks`:   user \0 kind \0 chat          → u64 BE (receipt/read watermarks, acked max)
 //! - `pending`:      msg id(u64 BE)                 → a cross-shard delivery not yet confirmed
 //! - `meta`:         name                           → value (e.g. `max_msg_id`)
 
@@ -99,6 +102,88 @@ pub enum WriteOp {
     DeletePending { msg: MsgId },
     /// Store a named value.
     PutMeta { name: &'static str, value: Vec<u8> },
+    /// Index message `msg` (at `seq`) under the chat it belongs to in `user`'s log.
+    IndexChat {
+        user: UserId,
+        chat: String,
+        msg: MsgId,
+        seq: Seq,
+    },
+    /// Record that `msg` was edited or deleted in `user`'s view.
+    PutChange {
+        user: UserId,
+        msg: MsgId,
+        change: MsgChange,
+    },
+    /// Set a watermark (see `WatermarkKind`).
+    PutWatermark {
+        user: UserId,
+        kind: WatermarkKind,
+        chat: String,
+        value: u64,
+    },
+    /// Forget a device: its cursor and its dedupe window.
+    UnlinkDevice { user: UserId, device: DeviceId },
+    /// Delete `user`'s events with seq ≤ `through` (retention).
+    PruneLog { user: UserId, through: Seq },
+}
+
+/// One bounded pass of the retention scan.
+pub struct ExpiredScan {
+    /// (user, last expired seq) pairs.
+    pub expired: Vec<(UserId, Seq)>,
+    /// The log key to continue from; `None` when the pass reached the end of the log.
+    pub resume: Option<Vec<u8>>,
+}
+
+impl ExpiredScan {
+    fn done(expired: Vec<(UserId, Seq)>) -> Self {
+        ExpiredScan {
+            expired,
+            resume: None,
+        }
+    }
+}
+
+/// What happened to a message after it was stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MsgChange {
+    Deleted,
+    Edited(String),
+}
+
+/// The kinds of per-chat watermark a user has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WatermarkKind {
+    /// Highest `delivered` receipt in this user's log for a chat (receipts fold onto it).
+    DeliveredReceipt,
+    /// Highest `read` receipt in this user's log for a chat.
+    ReadReceipt,
+    /// This user's own read mark for a chat.
+    ReadMark,
+    /// Highest seq any of this user's devices acked (chat is empty).
+    AckedMax,
+}
+
+impl WatermarkKind {
+    fn byte(self) -> u8 {
+        match self {
+            WatermarkKind::DeliveredReceipt => b'd',
+            WatermarkKind::ReadReceipt => b'r',
+            WatermarkKind::ReadMark => b'm',
+            WatermarkKind::AckedMax => b'a',
+        }
+    }
+
+    fn from_byte(b: u8) -> Option<Self> {
+        Some(match b {
+            b'd' => WatermarkKind::DeliveredReceipt,
+            b'r' => WatermarkKind::ReadReceipt,
+            b'm' => WatermarkKind::ReadMark,
+            b'a' => WatermarkKind::AckedMax,
+            _ => return None,
+        })
+    }
 }
 
 /// A batch of writes from one shard, committed atomically with whatever else is queued.
@@ -162,6 +247,27 @@ fn msg_index_key(user: &UserId, msg: MsgId) -> Vec<u8> {
     key
 }
 
+fn chat_prefix(user: &UserId, chat: &str) -> Vec<u8> {
+    let mut key = user_prefix(user);
+    key.extend_from_slice(chat.as_bytes());
+    key.push(0);
+    key
+}
+
+fn chat_index_key(user: &UserId, chat: &str, msg: MsgId) -> Vec<u8> {
+    let mut key = chat_prefix(user, chat);
+    key.extend_from_slice(&msg.0.to_be_bytes());
+    key
+}
+
+fn watermark_key(user: &UserId, kind: WatermarkKind, chat: &str) -> Vec<u8> {
+    let mut key = user_prefix(user);
+    key.push(kind.byte());
+    key.push(0);
+    key.extend_from_slice(chat.as_bytes());
+    key
+}
+
 fn be_u64(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?))
 }
@@ -175,6 +281,9 @@ struct Tables {
     msg_index: Table,
     pending: Table,
     meta: Table,
+    chat_index: Table,
+    msg_changes: Table,
+    watermarks: Table,
 }
 
 /// What the store knows of one user when the owner first touches them.
@@ -186,6 +295,8 @@ pub struct UserSnapshot {
     pub low: Seq,
     /// Linked devices with their cursors.
     pub devices: Vec<(DeviceId, Seq)>,
+    /// Every watermark of the user: (kind, chat, value).
+    pub watermarks: Vec<(WatermarkKind, String, u64)>,
 }
 
 /// Read access to one shard's store. Cheap to clone; usable from any thread (read
@@ -201,7 +312,7 @@ impl Store {
     pub fn open(dir: &Path, map_bytes: usize, durability: Durability) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Other(e.to_string()))?;
         let mut options = EnvOpenOptions::new().read_txn_without_tls();
-        options.map_size(map_bytes).max_dbs(8).max_readers(1024);
+        options.map_size(map_bytes).max_dbs(16).max_readers(1024);
         if durability == Durability::ProcessCrashSafe {
             // SAFETY: NO_SYNC only trades power-failure durability (documented on Durability);
             // the writer thread fsyncs periodically.
@@ -221,6 +332,9 @@ impl Store {
             msg_index: env.create_database(&mut wtxn, Some("msg_index"))?,
             pending: env.create_database(&mut wtxn, Some("pending"))?,
             meta: env.create_database(&mut wtxn, Some("meta"))?,
+            chat_index: env.create_database(&mut wtxn, Some("chat_index"))?,
+            msg_changes: env.create_database(&mut wtxn, Some("msg_changes"))?,
+            watermarks: env.create_database(&mut wtxn, Some("watermarks"))?,
         };
         wtxn.commit()?;
         Ok(Store { env, tables })
@@ -406,6 +520,60 @@ impl Store {
                 WriteOp::PutMeta { name, value } => {
                     t.meta.put(&mut wtxn, name.as_bytes(), value)?;
                 }
+                WriteOp::IndexChat {
+                    user,
+                    chat,
+                    msg,
+                    seq,
+                } => {
+                    t.chat_index.put(
+                        &mut wtxn,
+                        &chat_index_key(user, chat, *msg),
+                        &seq.0.to_be_bytes(),
+                    )?;
+                }
+                WriteOp::PutChange { user, msg, change } => {
+                    let value = match change {
+                        MsgChange::Deleted => b"d".to_vec(),
+                        MsgChange::Edited(body) => [b"e", body.as_bytes()].concat(),
+                    };
+                    t.msg_changes
+                        .put(&mut wtxn, &msg_index_key(user, *msg), &value)?;
+                }
+                WriteOp::PutWatermark {
+                    user,
+                    kind,
+                    chat,
+                    value,
+                } => {
+                    t.watermarks.put(
+                        &mut wtxn,
+                        &watermark_key(user, *kind, chat),
+                        &value.to_be_bytes(),
+                    )?;
+                }
+                WriteOp::UnlinkDevice { user, device } => {
+                    t.cursors.delete(&mut wtxn, &cursor_key(user, device))?;
+                    let prefix = device_prefix(user, device);
+                    for table in [t.dedupe, t.dedupe_order] {
+                        let mut entries = table.prefix_iter_mut(&mut wtxn, &prefix)?;
+                        while entries.next().transpose()?.is_some() {
+                            // SAFETY: no reference into the database is held across the delete.
+                            unsafe { entries.del_current()? };
+                        }
+                    }
+                }
+                WriteOp::PruneLog { user, through } => {
+                    let start = log_key(user, Seq(0));
+                    let end = log_key(user, *through);
+                    t.log.delete_range(
+                        &mut wtxn,
+                        &(
+                            Bound::Included(start.as_slice()),
+                            Bound::Included(end.as_slice()),
+                        ),
+                    )?;
+                }
             }
         }
         wtxn.commit()?;
@@ -447,7 +615,151 @@ impl Store {
                     .push((device, Seq(be_u64(value).unwrap_or(0))));
             }
         }
+        for entry in self.tables.watermarks.prefix_iter(&rtxn, &prefix)? {
+            let (key, value) = entry?;
+            let rest = &key[prefix.len()..];
+            let (Some(kind), Some(0)) = (
+                rest.first().copied().and_then(WatermarkKind::from_byte),
+                rest.get(1).copied(),
+            ) else {
+                continue;
+            };
+            let chat = String::from_utf8_lossy(&rest[2..]).into_owned();
+            snapshot
+                .watermarks
+                .push((kind, chat, be_u64(value).unwrap_or(0)));
+        }
         Ok(snapshot)
+    }
+
+    /// One page of a chat's messages, newest first: (msg id, seq) with id < `before`.
+    pub fn chat_page(
+        &self,
+        user: &UserId,
+        chat: &str,
+        before: Option<MsgId>,
+        limit: usize,
+    ) -> Result<Vec<(MsgId, Seq)>, StoreError> {
+        let rtxn = self.env.read_txn()?;
+        let prefix = chat_prefix(user, chat);
+        let start = prefix.clone();
+        let end = chat_index_key(user, chat, before.unwrap_or(MsgId(u64::MAX)));
+        let upper = if before.is_some() {
+            Bound::Excluded(end.as_slice())
+        } else {
+            Bound::Included(end.as_slice())
+        };
+        let mut page = Vec::with_capacity(limit.min(256));
+        for entry in self
+            .tables
+            .chat_index
+            .rev_range(&rtxn, &(Bound::Included(start.as_slice()), upper))?
+        {
+            let (key, value) = entry?;
+            let (Some(msg), Some(seq)) = (be_u64(&key[prefix.len()..]), be_u64(value)) else {
+                continue;
+            };
+            page.push((MsgId(msg), Seq(seq)));
+            if page.len() >= limit {
+                break;
+            }
+        }
+        Ok(page)
+    }
+
+    /// One stored event.
+    pub fn read_record(&self, user: &UserId, seq: Seq) -> Result<Option<Bytes>, StoreError> {
+        let rtxn = self.env.read_txn()?;
+        Ok(self
+            .tables
+            .log
+            .get(&rtxn, &log_key(user, seq))?
+            .map(Bytes::copy_from_slice))
+    }
+
+    /// Whether `msg` was edited or deleted in `user`'s view.
+    pub fn msg_change(&self, user: &UserId, msg: MsgId) -> Result<Option<MsgChange>, StoreError> {
+        let rtxn = self.env.read_txn()?;
+        let value = self
+            .tables
+            .msg_changes
+            .get(&rtxn, &msg_index_key(user, msg))?;
+        Ok(value.and_then(|v| match v.first()? {
+            b'd' => Some(MsgChange::Deleted),
+            b'e' => Some(MsgChange::Edited(
+                String::from_utf8_lossy(&v[1..]).into_owned(),
+            )),
+            _ => None,
+        }))
+    }
+
+    /// Finds users whose oldest events are older than `cutoff_ms`, scanning the log from key
+    /// `from` (inclusive; `None` = the start), looking at no more than `max_users` users and
+    /// `max_events` events. Returns (user, last expired seq) pairs and the key to continue from
+    /// (`None` when the scan reached the end of the log).
+    pub fn expired_events(
+        &self,
+        from: Option<&[u8]>,
+        cutoff_ms: u64,
+        max_users: usize,
+        max_events: usize,
+    ) -> Result<ExpiredScan, StoreError> {
+        let rtxn = self.env.read_txn()?;
+        let mut found = Vec::new();
+        let mut examined = 0;
+        let mut next: Option<Vec<u8>> = from.map(<[u8]>::to_vec);
+        for _ in 0..max_users {
+            let lower = match &next {
+                Some(key) => Bound::Included(key.as_slice()),
+                None => Bound::Unbounded,
+            };
+            let mut iter = self
+                .tables
+                .log
+                .range(&rtxn, &(lower, Bound::<&[u8]>::Unbounded))?;
+            let Some((first_key, _)) = iter.next().transpose()? else {
+                return Ok(ExpiredScan::done(found));
+            };
+            let Some(nul) = first_key.iter().position(|b| *b == 0) else {
+                return Ok(ExpiredScan::done(found));
+            };
+            let prefix = first_key[..=nul].to_vec();
+            // Restart at the user's first key (the range above may have begun mid-user).
+            let mut events = self.tables.log.prefix_iter(&rtxn, &prefix)?;
+            let mut last_expired = None;
+            let mut cut_short = false;
+            while let Some((_, value)) = events.next().transpose()? {
+                match crate::protocol::decode_record_header(value) {
+                    Some(header) if header.ts_ms < cutoff_ms => last_expired = Some(header.seq),
+                    _ => break,
+                }
+                examined += 1;
+                if examined >= max_events {
+                    cut_short = true;
+                    break;
+                }
+            }
+            let user = std::str::from_utf8(&prefix[..nul])
+                .ok()
+                .and_then(UserId::parse);
+            if let (Some(seq), Some(user)) = (last_expired, user) {
+                found.push((user, seq));
+            }
+            if cut_short {
+                // Continue at this user: part of its expired range may remain.
+                return Ok(ExpiredScan {
+                    expired: found,
+                    resume: Some(prefix),
+                });
+            }
+            let mut after = prefix;
+            after.extend_from_slice(&[0xff; 9]);
+            next = Some(after);
+        }
+        Ok(ExpiredScan {
+            expired: found,
+            resume: next,
+        })
     }
 
     /// Reads up to `max` events of `user` with seq in `[from, to]`, in order.

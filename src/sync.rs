@@ -1,0 +1,593 @@
+//! Multi-device state sync on the owner side: receipts, read marks, typing, edit and delete,
+//! unlinking devices, and retention.
+//!
+//! Owns: the rules that keep a user's devices (and a sender's ticks) consistent: watermarks only
+//! move forward (so concurrent marks converge on the max without locks), receipts fold per chat
+//! and status, edits and deletes are the sender's alone within their windows and reach every
+//! participant's log after the message they change, typing is never stored.
+//!
+//! Must not: touch sockets or another shard's state (foreign events are routed to their owner);
+//! scan a log without a bound.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use crate::ids::{ChatId, ConnRef, DeviceId, MsgId, Seq, UserId};
+use crate::protocol::{
+    DeleteScope, ErrorCode, EventBody, FrameError, decode_stored_msg, encode_event, encode_typing,
+};
+use crate::router::{ConnItem, ForeignEvent, ForeignKind, ShardMsg};
+use crate::shard::{AfterCommit, Shard};
+use crate::storage::{MsgChange, StoreError, WatermarkKind, WriteOp};
+
+/// Most users one retention pass looks at.
+const PRUNE_USERS_PER_PASS: usize = 1000;
+
+impl Shard {
+    /// Stages one event in an owned user's log, with extra writes and actions in the same batch.
+    fn stage_event(
+        &self,
+        user: &UserId,
+        ts_ms: u64,
+        body: &EventBody<'_>,
+        mut ops: Vec<WriteOp>,
+        mut actions: Vec<AfterCommit>,
+    ) -> Result<Seq, StoreError> {
+        let seq = self.with_user(user, |state| state.next_seq())?;
+        let record = encode_event(seq, ts_ms, body);
+        ops.push(WriteOp::Append {
+            user: user.clone(),
+            seq,
+            record: record.clone(),
+        });
+        actions.insert(
+            0,
+            AfterCommit::Publish {
+                user: user.clone(),
+                events: vec![(seq, record)],
+            },
+        );
+        self.stage(ops, actions);
+        Ok(seq)
+    }
+
+    fn route_foreign(&self, event: ForeignEvent) {
+        let owner = self.owner_of(&event.to);
+        self.router.route(owner, ShardMsg::Append(event));
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Receipts.
+
+    /// After an ack moved `user`'s highest acked seq: every `msg` from someone else in the newly
+    /// acked range produces one folded `delivered` receipt per (sender, chat).
+    pub(crate) fn emit_delivered_receipts(&self, user: &UserId, acked: Seq) {
+        let scan_max = self.config.receipt_scan_max_events as u64;
+        let range = self.with_user(user, |state| {
+            let from = state.watermark(WatermarkKind::AckedMax, "");
+            if acked.0 <= from {
+                return None;
+            }
+            let to = acked.0.min(from + scan_max);
+            state.raise_watermark(WatermarkKind::AckedMax, "", to);
+            Some((Seq(from + 1), Seq(to)))
+        });
+        let Ok(Some((from, to))) = range else {
+            return;
+        };
+        self.lazy_ops.borrow_mut().push(WriteOp::PutWatermark {
+            user: user.clone(),
+            kind: WatermarkKind::AckedMax,
+            chat: String::new(),
+            value: to.0,
+        });
+        let events =
+            match self
+                .store()
+                .read_log(user, from, to, self.config.receipt_scan_max_events)
+            {
+                Ok(events) => events,
+                Err(e) => {
+                    tracing::error!(%user, error = %e, "receipt scan failed");
+                    return;
+                }
+            };
+        let mut newest: HashMap<(String, String), MsgId> = HashMap::new();
+        for (_, record) in events {
+            let Some(stored) = decode_stored_msg(&record) else {
+                continue;
+            };
+            if stored.from == user.as_str() {
+                continue;
+            }
+            // The sender names a 1:1 chat by this user; a group chat by the group.
+            let chat = if stored.chat.starts_with("g:") {
+                stored.chat
+            } else {
+                user.as_str().to_owned()
+            };
+            let slot = newest.entry((stored.from, chat)).or_insert(stored.msg);
+            *slot = (*slot).max(stored.msg);
+        }
+        let now = self.clock.now_ms();
+        for ((sender, chat), up_to) in newest {
+            let Some(sender) = UserId::parse(&sender) else {
+                continue;
+            };
+            self.route_foreign(ForeignEvent {
+                to: sender,
+                ts_ms: now,
+                kind: ForeignKind::Receipt {
+                    chat,
+                    by: user.clone(),
+                    read: false,
+                    up_to,
+                },
+            });
+        }
+    }
+
+    /// An event caused by another user lands in an owned user's log.
+    pub(crate) fn on_foreign_event(&self, event: ForeignEvent) {
+        let ForeignEvent { to, ts_ms, kind } = event;
+        let result = match kind {
+            ForeignKind::Receipt {
+                chat,
+                by,
+                read,
+                up_to,
+            } => self.apply_receipt(&to, ts_ms, &chat, &by, read, up_to),
+            ForeignKind::Edit { chat, msg, body } => {
+                self.apply_foreign_change(&to, ts_ms, &chat, msg, Some(body))
+            }
+            ForeignKind::Delete { chat, msg } => {
+                self.apply_foreign_change(&to, ts_ms, &chat, msg, None)
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(user = %to, error = %e, "could not append a foreign event");
+        }
+    }
+
+    /// Folds a receipt onto the sender's watermark for (chat, status, by); appends an event only
+    /// when the watermark moves. A read receipt also raises the delivered watermark (read
+    /// implies delivered), so a later, smaller delivered receipt is not emitted.
+    fn apply_receipt(
+        &self,
+        to: &UserId,
+        ts_ms: u64,
+        chat: &str,
+        by: &UserId,
+        read: bool,
+        up_to: MsgId,
+    ) -> Result<(), StoreError> {
+        // In a group several members send receipts for one chat: fold per member.
+        let key = format!("{chat}\u{0}{by}");
+        let (kind, status) = if read {
+            (WatermarkKind::ReadReceipt, "read")
+        } else {
+            (WatermarkKind::DeliveredReceipt, "delivered")
+        };
+        let moved = self.with_user(to, |state| {
+            let moved = state.raise_watermark(kind, &key, up_to.0);
+            let delivered_moved =
+                read && state.raise_watermark(WatermarkKind::DeliveredReceipt, &key, up_to.0);
+            (moved, delivered_moved)
+        })?;
+        let mut ops = Vec::new();
+        for (kind, moved) in [(kind, moved.0), (WatermarkKind::DeliveredReceipt, moved.1)] {
+            if moved {
+                ops.push(WriteOp::PutWatermark {
+                    user: to.clone(),
+                    kind,
+                    chat: key.clone(),
+                    value: up_to.0,
+                });
+            }
+        }
+        if !moved.0 {
+            if !ops.is_empty() {
+                self.stage(ops, Vec::new());
+            }
+            return Ok(());
+        }
+        let body = EventBody::Receipt {
+            chat,
+            by: by.as_str(),
+            status,
+            up_to,
+        };
+        self.stage_event(to, ts_ms, &body, ops, Vec::new())?;
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Read marks.
+
+    pub(crate) fn on_read(
+        &self,
+        user: UserId,
+        conn: ConnRef,
+        chat: ChatId,
+        up_to: MsgId,
+        reply_id: Option<String>,
+    ) {
+        let fail = |e: FrameError| self.to_conn_error(conn, e.with_id(reply_id.as_deref()));
+        let chat_name = match &chat {
+            ChatId::Direct(peer) => peer.as_str().to_owned(),
+            ChatId::Group(group) => format!("g:{group}"),
+        };
+        let newest = match self.store().chat_page(&user, &chat_name, None, 1) {
+            Ok(page) => page.first().map(|(msg, _)| *msg),
+            Err(e) => return fail(Self::store_error_frame(&e)),
+        };
+        if newest.is_none_or(|newest| up_to > newest) {
+            return fail(FrameError::new(
+                ErrorCode::UnknownMessage,
+                format!("no message {} in {chat_name}", up_to.0),
+            ));
+        }
+        let moved = self.with_user(&user, |state| {
+            state.raise_watermark(WatermarkKind::ReadMark, &chat_name, up_to.0)
+        });
+        match moved {
+            Err(e) => return fail(Self::store_error_frame(&e)),
+            // Marks only move forward: an older or equal mark changes nothing.
+            Ok(false) => return,
+            Ok(true) => {}
+        }
+        let now = self.clock.now_ms();
+        let mut actions = Vec::new();
+        if let ChatId::Direct(peer) = &chat
+            && *peer != user
+        {
+            actions.push(AfterCommit::ForwardForeign(ForeignEvent {
+                to: peer.clone(),
+                ts_ms: now,
+                kind: ForeignKind::Receipt {
+                    chat: user.as_str().to_owned(),
+                    by: user.clone(),
+                    read: true,
+                    up_to,
+                },
+            }));
+        }
+        let ops = vec![WriteOp::PutWatermark {
+            user: user.clone(),
+            kind: WatermarkKind::ReadMark,
+            chat: chat_name.clone(),
+            value: up_to.0,
+        }];
+        let body = EventBody::Read {
+            chat: &chat_name,
+            up_to,
+        };
+        if let Err(e) = self.stage_event(&user, now, &body, ops, actions) {
+            fail(Self::store_error_frame(&e));
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Typing.
+
+    /// Shows a typing indicator on an owned user's online devices. Never stored.
+    pub(crate) fn on_typing(&self, to: UserId, chat: String, from: UserId, on: bool) {
+        let targets = match self.with_user(&to, |state| {
+            state
+                .devices
+                .values()
+                .filter_map(|d| d.online)
+                .collect::<Vec<_>>()
+        }) {
+            Ok(targets) => targets,
+            Err(_) => return,
+        };
+        let frame = encode_typing(&chat, from.as_str(), on);
+        for conn in targets {
+            self.to_conn(conn, ConnItem::Frame(frame.clone()));
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Edit and delete.
+
+    /// Finds a message in the caller's log: (seq, stored fields).
+    fn find_message(
+        &self,
+        user: &UserId,
+        msg: MsgId,
+    ) -> Result<Option<crate::protocol::StoredMsg>, StoreError> {
+        let Some(seq) = self.store().msg_index_get(user, msg)? else {
+            return Ok(None);
+        };
+        if self.store().msg_change(user, msg)? == Some(MsgChange::Deleted) {
+            return Ok(None);
+        }
+        Ok(self
+            .store()
+            .read_record(user, seq)?
+            .and_then(|record| decode_stored_msg(&record)))
+    }
+
+    pub(crate) fn on_edit(
+        &self,
+        user: UserId,
+        conn: ConnRef,
+        msg: MsgId,
+        body: String,
+        reply_id: Option<String>,
+    ) {
+        let fail = |e: FrameError| {
+            self.to_conn_error(conn, e.with_id(reply_id.as_deref()).with_msg(msg));
+        };
+        let stored = match self.find_message(&user, msg) {
+            Ok(Some(stored)) => stored,
+            Ok(None) => return fail(unknown_message(msg)),
+            Err(e) => return fail(Self::store_error_frame(&e)),
+        };
+        let now = self.clock.now_ms();
+        if stored.from != user.as_str() {
+            return fail(FrameError::new(
+                ErrorCode::Forbidden,
+                "only the sender may edit a message",
+            ));
+        }
+        if now.saturating_sub(stored.ts_ms) > self.config.edit_window.as_millis() as u64 {
+            return fail(FrameError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "the edit window of {} s has passed",
+                    self.config.edit_window.as_secs()
+                ),
+            ));
+        }
+        let mut actions = Vec::new();
+        if stored.chat != user.as_str()
+            && let Some(peer) = UserId::parse(&stored.chat)
+        {
+            actions.push(AfterCommit::ForwardForeign(ForeignEvent {
+                to: peer,
+                ts_ms: now,
+                kind: ForeignKind::Edit {
+                    chat: user.as_str().to_owned(),
+                    msg,
+                    body: body.clone(),
+                },
+            }));
+        }
+        let ops = vec![WriteOp::PutChange {
+            user: user.clone(),
+            msg,
+            change: MsgChange::Edited(body.clone()),
+        }];
+        let event = EventBody::Edit {
+            chat: &stored.chat,
+            msg,
+            body: &body,
+        };
+        if let Err(e) = self.stage_event(&user, now, &event, ops, actions) {
+            fail(Self::store_error_frame(&e));
+        }
+    }
+
+    pub(crate) fn on_delete(
+        &self,
+        user: UserId,
+        conn: ConnRef,
+        msg: MsgId,
+        scope: DeleteScope,
+        reply_id: Option<String>,
+    ) {
+        let fail = |e: FrameError| {
+            self.to_conn_error(conn, e.with_id(reply_id.as_deref()).with_msg(msg));
+        };
+        let stored = match self.find_message(&user, msg) {
+            Ok(Some(stored)) => stored,
+            Ok(None) => return fail(unknown_message(msg)),
+            Err(e) => return fail(Self::store_error_frame(&e)),
+        };
+        let now = self.clock.now_ms();
+        let mut actions = Vec::new();
+        let scope_name = match scope {
+            DeleteScope::Me => "me",
+            DeleteScope::Everyone => {
+                if stored.from != user.as_str() {
+                    return fail(FrameError::new(
+                        ErrorCode::Forbidden,
+                        "only the sender may delete a message for everyone",
+                    ));
+                }
+                if now.saturating_sub(stored.ts_ms) > self.config.delete_window.as_millis() as u64 {
+                    return fail(FrameError::new(
+                        ErrorCode::Forbidden,
+                        format!(
+                            "the delete window of {} s has passed",
+                            self.config.delete_window.as_secs()
+                        ),
+                    ));
+                }
+                if stored.chat != user.as_str()
+                    && let Some(peer) = UserId::parse(&stored.chat)
+                {
+                    actions.push(AfterCommit::ForwardForeign(ForeignEvent {
+                        to: peer,
+                        ts_ms: now,
+                        kind: ForeignKind::Delete {
+                            chat: user.as_str().to_owned(),
+                            msg,
+                        },
+                    }));
+                }
+                "everyone"
+            }
+        };
+        let ops = vec![WriteOp::PutChange {
+            user: user.clone(),
+            msg,
+            change: MsgChange::Deleted,
+        }];
+        let event = EventBody::Delete {
+            chat: &stored.chat,
+            msg,
+            scope: scope_name,
+        };
+        if let Err(e) = self.stage_event(&user, now, &event, ops, actions) {
+            fail(Self::store_error_frame(&e));
+        }
+    }
+
+    /// The peer's copy of an edit or delete. Appended only if the message is in the peer's log
+    /// (and not deleted there); it follows the message because the delivery was routed first.
+    fn apply_foreign_change(
+        &self,
+        to: &UserId,
+        ts_ms: u64,
+        chat: &str,
+        msg: MsgId,
+        edit: Option<String>,
+    ) -> Result<(), StoreError> {
+        if self.store().msg_index_get(to, msg)?.is_none()
+            || self.store().msg_change(to, msg)? == Some(MsgChange::Deleted)
+        {
+            return Ok(());
+        }
+        match edit {
+            Some(body) => {
+                let ops = vec![WriteOp::PutChange {
+                    user: to.clone(),
+                    msg,
+                    change: MsgChange::Edited(body.clone()),
+                }];
+                let event = EventBody::Edit {
+                    chat,
+                    msg,
+                    body: &body,
+                };
+                self.stage_event(to, ts_ms, &event, ops, Vec::new())?;
+            }
+            None => {
+                let ops = vec![WriteOp::PutChange {
+                    user: to.clone(),
+                    msg,
+                    change: MsgChange::Deleted,
+                }];
+                let event = EventBody::Delete {
+                    chat,
+                    msg,
+                    scope: "everyone",
+                };
+                self.stage_event(to, ts_ms, &event, ops, Vec::new())?;
+            }
+        }
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Devices.
+
+    pub(crate) fn on_unlink(
+        &self,
+        user: UserId,
+        conn: ConnRef,
+        device: DeviceId,
+        reply_id: Option<String>,
+    ) {
+        let fail = |e: FrameError| self.to_conn_error(conn, e.with_id(reply_id.as_deref()));
+        let removed = self.with_user(&user, |state| match state.devices.get(&device) {
+            Some(d) if !d.linking => state.devices.remove(&device),
+            _ => None,
+        });
+        let online = match removed {
+            Ok(Some(d)) => d.online,
+            Ok(None) => {
+                return fail(FrameError::new(
+                    ErrorCode::BadId,
+                    format!("{device} is not a linked device of {user}"),
+                ));
+            }
+            Err(e) => return fail(Self::store_error_frame(&e)),
+        };
+        self.cursor_dirty
+            .borrow_mut()
+            .remove(&(user.clone(), device.clone()));
+        if let Some(online) = online {
+            self.to_conn(
+                online,
+                ConnItem::Close {
+                    code: 4003,
+                    reason: "device unlinked",
+                },
+            );
+        }
+        tracing::info!(%user, %device, "device unlinked");
+        let ops = vec![WriteOp::UnlinkDevice {
+            user: user.clone(),
+            device: device.clone(),
+        }];
+        let event = EventBody::Device {
+            op: "unlinked",
+            device: device.as_str(),
+        };
+        if let Err(e) = self.stage_event(&user, self.clock.now_ms(), &event, ops, Vec::new()) {
+            fail(Self::store_error_frame(&e));
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Retention.
+
+    /// Prunes events older than `retention`, a bounded pass every `prune_interval`. Deletes go
+    /// through the ordinary commit pipeline, so they never block live traffic for long.
+    pub async fn run_retention(self: Rc<Self>) {
+        let mut resume: Option<Vec<u8>> = None;
+        loop {
+            glommio::timer::sleep(self.config.prune_interval).await;
+            let cutoff = self
+                .clock
+                .now_ms()
+                .saturating_sub(self.config.retention.as_millis() as u64);
+            let scan = self.store().expired_events(
+                resume.as_deref(),
+                cutoff,
+                PRUNE_USERS_PER_PASS,
+                self.config.prune_batch_events,
+            );
+            let (expired, next) = match scan {
+                Ok(scan) => (scan.expired, scan.resume),
+                Err(e) => {
+                    tracing::error!(shard = self.id.0, error = %e, "retention scan failed");
+                    continue;
+                }
+            };
+            resume = next;
+            if expired.is_empty() {
+                continue;
+            }
+            let mut ops = Vec::with_capacity(expired.len());
+            let mut actions = Vec::with_capacity(expired.len());
+            for (user, through) in expired {
+                ops.push(WriteOp::PruneLog {
+                    user: user.clone(),
+                    through,
+                });
+                actions.push(AfterCommit::Pruned {
+                    user,
+                    low: through.next(),
+                });
+            }
+            tracing::debug!(
+                shard = self.id.0,
+                users = ops.len(),
+                "pruning expired events"
+            );
+            self.stage(ops, actions);
+        }
+    }
+}
+
+fn unknown_message(msg: MsgId) -> FrameError {
+    FrameError::new(
+        ErrorCode::UnknownMessage,
+        format!("no message {} in your log", msg.0),
+    )
+}
