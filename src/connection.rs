@@ -484,18 +484,6 @@ impl Session {
                 reply_id: reply_id.clone(),
             },
             ClientFrame::Typing { chat, on } => {
-                let peer = match chat {
-                    ChatId::Direct(peer) => peer,
-                    ChatId::Group(group) => {
-                        return self.reply_error(
-                            FrameError::new(
-                                ErrorCode::NotMember,
-                                format!("you are not a member of g:{group}"),
-                            )
-                            .with_id(reply_id.as_deref()),
-                        );
-                    }
-                };
                 if let Err(retry_ms) = self.conn.take_typing_token(shard.config.typing_per_second) {
                     return self.reply_error(
                         FrameError::new(ErrorCode::RateLimited, "too many typing indicators")
@@ -503,15 +491,26 @@ impl Session {
                             .with_id(reply_id.as_deref()),
                     );
                 }
-                if peer == user {
-                    return; // Typing in one's own notes shows nowhere.
-                }
-                let to_owner = shard.owner_of(&peer);
-                let typing = ShardMsg::Typing {
-                    to: peer,
-                    chat: user.as_str().to_owned(),
-                    from: user,
-                    on,
+                let (to_owner, typing) = match chat {
+                    // Typing in one's own notes shows nowhere.
+                    ChatId::Direct(peer) if peer == user => return,
+                    ChatId::Direct(peer) => (
+                        shard.owner_of(&peer),
+                        ShardMsg::Typing {
+                            to: peer,
+                            chat: user.as_str().to_owned(),
+                            from: user,
+                            on,
+                        },
+                    ),
+                    ChatId::Group(group) => (
+                        shard.owner_of_chat(&ChatId::Group(group.clone())),
+                        ShardMsg::GroupTyping {
+                            group,
+                            from: user,
+                            on,
+                        },
+                    ),
                 };
                 // Ephemeral: at the bound it is dropped, never queued without limit.
                 let _ = shard.router.try_route(to_owner, typing);
@@ -533,14 +532,24 @@ impl Session {
                 self.conn.push(frame, usize::MAX);
                 return;
             }
-            ClientFrame::Group { .. } => {
-                return self.reply_error(
-                    FrameError::new(
-                        ErrorCode::Internal,
-                        "groups are not available on this server yet",
-                    )
-                    .with_id(reply_id.as_deref()),
-                );
+            ClientFrame::Group { op, group, members } => {
+                let group_owner = shard.owner_of_chat(&ChatId::Group(group.clone()));
+                let msg = ShardMsg::GroupOp {
+                    user,
+                    conn,
+                    op,
+                    group,
+                    members,
+                    reply_id: reply_id.clone(),
+                };
+                if shard.router.try_route(group_owner, msg).is_err() {
+                    self.reply_error(
+                        FrameError::new(ErrorCode::Busy, "the group's shard is overloaded")
+                            .with_retry(50)
+                            .with_id(reply_id.as_deref()),
+                    );
+                }
+                return;
             }
             ClientFrame::DevClock { advance_ms } => {
                 if !shard.config.dev_clock {

@@ -78,6 +78,14 @@ pub enum ChatId {
 }
 
 impl ChatId {
+    /// The chat as it appears on the wire, and the key its owner is found by.
+    pub fn wire_name(&self) -> String {
+        match self {
+            ChatId::Direct(user) => user.as_str().to_owned(),
+            ChatId::Group(group) => format!("g:{group}"),
+        }
+    }
+
     /// Parses `bob` or `g:team`.
     pub fn parse(s: &str) -> Option<Self> {
         match s.strip_prefix("g:") {

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 mod connection;
+mod groups;
 pub mod ids;
 pub mod msgid;
 mod notify;

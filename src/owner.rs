@@ -411,15 +411,6 @@ impl Shard {
         body: String,
     ) {
         let error = |e: FrameError| self.to_conn_error(conn, e.with_id(Some(client.as_str())));
-        let recipient = match to {
-            ChatId::Direct(recipient) => recipient,
-            ChatId::Group(group) => {
-                return error(FrameError::new(
-                    ErrorCode::NotMember,
-                    format!("you are not a member of g:{group}"),
-                ));
-            }
-        };
         // A retry of a send still in flight waits for the same answer.
         let key = (user.clone(), device.clone(), client.clone());
         let inflight_msg = self.inflight_by_client.borrow().get(&key).copied();
@@ -429,11 +420,17 @@ impl Shard {
         }
         // A retry of a send already answered gets the same answer again.
         match self.store().dedupe_get(&user, &device, client.as_str()) {
-            Ok(Some((msg, ts_ms))) => {
-                return self.to_conn(
-                    conn,
-                    ConnItem::Frame(encode_sent(client.as_str(), msg, ts_ms)),
-                );
+            Ok(Some(entry)) => {
+                return match entry.refused {
+                    None => self.to_conn(
+                        conn,
+                        ConnItem::Frame(encode_sent(client.as_str(), entry.msg, entry.ts_ms)),
+                    ),
+                    Some(code) => error(FrameError::new(
+                        ErrorCode::parse(&code).unwrap_or(ErrorCode::Forbidden),
+                        "this send was refused",
+                    )),
+                };
             }
             Ok(None) => {}
             Err(e) => return error(Self::store_error_frame(&e)),
@@ -446,7 +443,7 @@ impl Shard {
         if self.commits_saturated() {
             return error(busy("too many commits pending"));
         }
-        let recipient_owner = self.owner_of(&recipient);
+        let recipient_owner = self.owner_of_chat(&to);
         if recipient_owner != self.id
             && self.router.depth(recipient_owner) >= self.config.cross_shard_queue_max
         {
@@ -456,6 +453,30 @@ impl Shard {
         let msg = self.minter.mint(&self.clock);
         self.minted.set(Some(msg));
         let ts_ms = self.clock.now_ms();
+        let recipient = match to {
+            ChatId::Direct(recipient) => recipient,
+            ChatId::Group(_) => {
+                // The group's owner orders the message and appends every member's copy (the
+                // sender's included); this shard only remembers it until that is confirmed.
+                let delivery = Delivery {
+                    msg,
+                    ts_ms,
+                    from: user.clone(),
+                    device: device.clone(),
+                    to,
+                    body,
+                    origin: self.id,
+                };
+                let ops = vec![WriteOp::PutPending {
+                    msg,
+                    record: encode_pending(&delivery, &client),
+                }];
+                let actions = vec![AfterCommit::Forward(delivery.clone())];
+                self.track_send(key, msg, ts_ms, Some(delivery), conn);
+                self.stage(ops, actions);
+                return;
+            }
+        };
         let mut ops = Vec::with_capacity(6);
         let mut actions = Vec::with_capacity(3);
 
@@ -516,6 +537,7 @@ impl Shard {
             ts_ms,
             order,
             window: self.config.dedupe_window_per_device,
+            refused: None,
         });
         actions.push(AfterCommit::Publish {
             user: user.clone(),
@@ -527,7 +549,7 @@ impl Shard {
             ts_ms,
             from: user.clone(),
             device: device.clone(),
-            to: recipient.clone(),
+            to: ChatId::Direct(recipient.clone()),
             body,
             origin: self.id,
         };
@@ -535,7 +557,7 @@ impl Shard {
         if recipient == user {
             actions.push(AfterCommit::SendDone { msg });
         } else if recipient_owner == self.id {
-            match self.stage_recipient_copy(&delivery) {
+            match self.stage_recipient_copy(&delivery, &recipient) {
                 Ok((mut more_ops, publish)) => {
                     ops.append(&mut more_ops);
                     actions.push(publish);
@@ -555,6 +577,20 @@ impl Shard {
             actions.push(AfterCommit::Forward(delivery.clone()));
             remote = Some(delivery);
         }
+        self.track_send(key, msg, ts_ms, remote, conn);
+        self.stage(ops, actions);
+    }
+
+    /// Remembers a send until every copy is durable.
+    fn track_send(
+        &self,
+        key: (UserId, DeviceId, ClientMsgId),
+        msg: MsgId,
+        ts_ms: u64,
+        delivery: Option<Delivery>,
+        conn: ConnRef,
+    ) {
+        let (user, device, client) = key.clone();
         self.inflight_by_client.borrow_mut().insert(key, msg);
         self.inflight_by_msg.borrow_mut().insert(
             msg,
@@ -563,12 +599,11 @@ impl Shard {
                 device,
                 client,
                 ts_ms,
-                delivery: remote,
+                delivery,
                 waiters: vec![conn],
                 failed: false,
             },
         );
-        self.stage(ops, actions);
     }
 
     /// Adds a waiter to an in-flight send; re-forwards its delivery if the last try failed.
@@ -583,7 +618,7 @@ impl Shard {
         {
             entry.failed = false;
             drop(inflight);
-            let owner = self.owner_of(&delivery.to);
+            let owner = self.owner_of_chat(&delivery.to);
             self.router.route(owner, ShardMsg::Deliver(delivery));
         }
     }
@@ -608,7 +643,7 @@ impl Shard {
                 failed: false,
             },
         );
-        let owner = self.owner_of(&delivery.to);
+        let owner = self.owner_of_chat(&delivery.to);
         self.router.route(owner, ShardMsg::Deliver(delivery));
     }
 
@@ -616,8 +651,9 @@ impl Shard {
     fn stage_recipient_copy(
         &self,
         delivery: &Delivery,
+        to: &UserId,
     ) -> Result<(Vec<WriteOp>, AfterCommit), StoreError> {
-        let seq = self.with_user(&delivery.to, UserState::next_seq)?;
+        let seq = self.with_user(to, UserState::next_seq)?;
         let record = encode_event(
             seq,
             delivery.ts_ms,
@@ -631,35 +667,43 @@ impl Shard {
         );
         let ops = vec![
             WriteOp::Append {
-                user: delivery.to.clone(),
+                user: to.clone(),
                 seq,
                 record: record.clone(),
             },
             WriteOp::IndexMsg {
-                user: delivery.to.clone(),
+                user: to.clone(),
                 msg: delivery.msg,
                 seq,
             },
             WriteOp::IndexChat {
-                user: delivery.to.clone(),
+                user: to.clone(),
                 chat: delivery.from.as_str().to_owned(),
                 msg: delivery.msg,
                 seq,
             },
         ];
         let publish = AfterCommit::Publish {
-            user: delivery.to.clone(),
+            user: to.clone(),
             events: vec![(seq, record)],
         };
         Ok((ops, publish))
     }
 
-    /// The recipient's owner: append (once) and confirm.
+    /// A delivery reaches the owner of its chat.
     pub(crate) fn on_deliver(&self, delivery: Delivery) {
-        let key = (delivery.to.clone(), delivery.msg);
+        match delivery.to.clone() {
+            ChatId::Direct(to) => self.deliver_direct(delivery, to),
+            ChatId::Group(group) => self.on_group_send(delivery, group),
+        }
+    }
+
+    /// The recipient's owner: append (once) and confirm.
+    fn deliver_direct(&self, delivery: Delivery, to: UserId) {
+        let key = (to.clone(), delivery.msg);
         let confirm = AfterCommit::Confirm {
             origin: delivery.origin,
-            user: delivery.to.clone(),
+            user: to.clone(),
             msg: delivery.msg,
         };
         if self.delivering.borrow().contains(&key) {
@@ -667,7 +711,7 @@ impl Shard {
             self.stage(Vec::new(), vec![confirm]);
             return;
         }
-        match self.store().msg_index_get(&delivery.to, delivery.msg) {
+        match self.store().msg_index_get(&to, delivery.msg) {
             Ok(Some(_)) => {
                 // Already durable (a re-driven delivery after a crash).
                 self.confirm(delivery.origin, delivery.msg, Ok(()));
@@ -680,7 +724,7 @@ impl Shard {
                 return;
             }
         }
-        match self.stage_recipient_copy(&delivery) {
+        match self.stage_recipient_copy(&delivery, &to) {
             Ok((ops, publish)) => {
                 self.delivering.borrow_mut().insert(key);
                 self.stage(ops, vec![publish, confirm]);
@@ -703,6 +747,23 @@ impl Shard {
 
     /// The sender's owner: the recipient's copy is durable (or failed).
     pub(crate) fn on_delivered(&self, msg: MsgId, result: Result<(), ErrorCode>) {
+        let group_send = self
+            .inflight_by_msg
+            .borrow()
+            .get(&msg)
+            .is_some_and(|entry| {
+                matches!(
+                    entry.delivery.as_ref().map(|d| &d.to),
+                    Some(ChatId::Group(_))
+                )
+            });
+        match (group_send, result) {
+            (true, Ok(())) => return self.finish_group_send(msg, None),
+            (true, Err(ErrorCode::NotMember)) => {
+                return self.finish_group_send(msg, Some(ErrorCode::NotMember));
+            }
+            _ => {}
+        }
         match result {
             Ok(()) => {
                 self.lazy_ops
@@ -732,6 +793,48 @@ impl Shard {
                 }
             }
         }
+    }
+
+    /// A group send is settled: store its dedupe answer (and forget the pending record) in one
+    /// batch, then answer the waiters. Until then the in-flight entry answers retries.
+    fn finish_group_send(&self, msg: MsgId, refused: Option<ErrorCode>) {
+        let Some((user, device, client, ts_ms)) =
+            self.inflight_by_msg.borrow().get(&msg).map(|entry| {
+                (
+                    entry.user.clone(),
+                    entry.device.clone(),
+                    entry.client.clone(),
+                    entry.ts_ms,
+                )
+            })
+        else {
+            return;
+        };
+        let store = self.store().clone();
+        let order = self.with_user(&user, |state| {
+            let d = state.devices.get_mut(&device)?;
+            let order = match d.dedupe_order {
+                Some(order) => order + 1,
+                None => store.dedupe_last_order(&user, &device).unwrap_or(0) + 1,
+            };
+            d.dedupe_order = Some(order);
+            Some(order)
+        });
+        let mut ops = vec![WriteOp::DeletePending { msg }];
+        // An unlinked device has no dedupe window any more: nothing to remember.
+        if let Ok(Some(order)) = order {
+            ops.push(WriteOp::PutDedupe {
+                user,
+                device,
+                client: client.as_str().to_owned(),
+                msg,
+                ts_ms,
+                order,
+                window: self.config.dedupe_window_per_device,
+                refused: refused.map(ErrorCode::as_str),
+            });
+        }
+        self.stage(ops, vec![AfterCommit::GroupSendDone { msg, refused }]);
     }
 
     /// Every copy is durable: answer `sent` to every waiter.
@@ -768,7 +871,7 @@ impl Shard {
                 }
             }
             AfterCommit::Forward(delivery) => {
-                let owner = self.owner_of(&delivery.to);
+                let owner = self.owner_of_chat(&delivery.to);
                 self.router.route(owner, ShardMsg::Deliver(delivery));
             }
             AfterCommit::SendDone { msg } => self.finish_send(msg),
@@ -785,6 +888,33 @@ impl Shard {
                     state.low = state.low.max(low);
                 }
             }
+            AfterCommit::FanOut(fan_out) => self.fan_out(*fan_out),
+            AfterCommit::GroupAppended {
+                group_shard,
+                id,
+                members,
+            } => self.group_appended(group_shard, id, members, true),
+            AfterCommit::Route(shard, msg) => self.router.route(shard, *msg),
+            AfterCommit::GroupSendDone { msg, refused } => match refused {
+                None => self.finish_send(msg),
+                Some(code) => {
+                    let Some(entry) = self.inflight_by_msg.borrow_mut().remove(&msg) else {
+                        return;
+                    };
+                    self.inflight_by_client.borrow_mut().remove(&(
+                        entry.user.clone(),
+                        entry.device.clone(),
+                        entry.client.clone(),
+                    ));
+                    for conn in entry.waiters {
+                        self.to_conn_error(
+                            conn,
+                            FrameError::new(code, "you are not a member of this group")
+                                .with_id(Some(entry.client.as_str())),
+                        );
+                    }
+                }
+            },
         }
     }
 
@@ -833,6 +963,45 @@ impl Shard {
             AfterCommit::ForwardForeign(_) => {}
             // The prune is retried by the next pass.
             AfterCommit::Pruned { .. } => {}
+            AfterCommit::FanOut(fan_out) => {
+                if let Some(origin) = fan_out.origin {
+                    self.route_delivered(
+                        origin,
+                        fan_out.id,
+                        Err(Self::store_error_frame(error).code),
+                    );
+                } else {
+                    tracing::error!(id = fan_out.id.0, "a membership change could not be stored");
+                }
+            }
+            AfterCommit::GroupAppended {
+                group_shard,
+                id,
+                members,
+            } => self.group_appended(group_shard, id, members, false),
+            // What was to be routed depended on the failed writes.
+            AfterCommit::Route(..) => {}
+            // Every copy is stored but the dedupe entry is not: keep the send in flight and let
+            // a retry fan it out again (member owners skip what they have).
+            AfterCommit::GroupSendDone { msg, .. } => {
+                let waiters = {
+                    let mut inflight = self.inflight_by_msg.borrow_mut();
+                    let Some(entry) = inflight.get_mut(&msg) else {
+                        return;
+                    };
+                    entry.failed = true;
+                    std::mem::take(&mut entry.waiters)
+                        .into_iter()
+                        .map(|w| (w, entry.client.clone()))
+                        .collect::<Vec<_>>()
+                };
+                for (conn, client) in waiters {
+                    self.to_conn_error(
+                        conn,
+                        Self::store_error_frame(error).with_id(Some(client.as_str())),
+                    );
+                }
+            }
         }
     }
 
@@ -889,7 +1058,7 @@ pub(crate) fn encode_pending(delivery: &Delivery, client: &ClientMsgId) -> Vec<u
         "ts": delivery.ts_ms,
         "from": delivery.from.as_str(),
         "dev": delivery.device.as_str(),
-        "to": delivery.to.as_str(),
+        "to": delivery.to.wire_name(),
         "body": delivery.body,
         "origin": delivery.origin.0,
         "client": client.as_str(),
@@ -906,7 +1075,7 @@ pub(crate) fn decode_pending(record: &[u8]) -> Option<(Delivery, ClientMsgId)> {
         ts_ms: v["ts"].as_u64()?,
         from: UserId::parse(v["from"].as_str()?)?,
         device: DeviceId::parse(v["dev"].as_str()?)?,
-        to: UserId::parse(v["to"].as_str()?)?,
+        to: ChatId::parse(v["to"].as_str()?)?,
         body: v["body"].as_str()?.to_owned(),
         origin: ShardId(v["origin"].as_u64()? as usize),
     };
@@ -924,7 +1093,7 @@ mod tests {
             ts_ms: 7,
             from: UserId::parse("alice").unwrap(),
             device: DeviceId::parse("phone").unwrap(),
-            to: UserId::parse("bob").unwrap(),
+            to: ChatId::parse("g:team").unwrap(),
             body: "hi \"you\"".into(),
             origin: ShardId(1),
         };

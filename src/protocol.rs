@@ -31,6 +31,30 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    const ALL: [ErrorCode; 16] = [
+        ErrorCode::BadJson,
+        ErrorCode::BadFrame,
+        ErrorCode::UnknownType,
+        ErrorCode::MissingField,
+        ErrorCode::BadId,
+        ErrorCode::TooLarge,
+        ErrorCode::RateLimited,
+        ErrorCode::NotMember,
+        ErrorCode::NotAdmin,
+        ErrorCode::Forbidden,
+        ErrorCode::UnknownMessage,
+        ErrorCode::BadSeq,
+        ErrorCode::DeviceLimit,
+        ErrorCode::GroupFull,
+        ErrorCode::Busy,
+        ErrorCode::Internal,
+    ];
+
+    /// The code with this wire name.
+    pub fn parse(name: &str) -> Option<ErrorCode> {
+        Self::ALL.into_iter().find(|code| code.as_str() == name)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BadJson => "bad_json",
@@ -484,6 +508,13 @@ pub enum EventBody<'a> {
     },
     /// This user read `chat` up to `up_to` on one of their devices.
     Read { chat: &'a str, up_to: MsgId },
+    /// Group membership changed.
+    Group {
+        chat: &'a str,
+        op: &'static str,
+        members: &'a [UserId],
+        by: &'a str,
+    },
     /// The sender replaced the body of `msg`.
     Edit {
         chat: &'a str,
@@ -555,6 +586,25 @@ pub fn encode_event(seq: Seq, ts_ms: u64, body: &EventBody<'_>) -> Bytes {
             push_str_field(&mut out, "by", by);
             push_str_field(&mut out, "status", status);
             push_msg_id(&mut out, "up_to", *up_to);
+        }
+        EventBody::Group {
+            chat,
+            op,
+            members,
+            by,
+        } => {
+            out.extend_from_slice(b",\"kind\":\"group\"");
+            push_str_field(&mut out, "chat", chat);
+            push_str_field(&mut out, "op", op);
+            out.extend_from_slice(b",\"members\":[");
+            for (i, member) in members.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                push_json_str(&mut out, member.as_str());
+            }
+            out.push(b']');
+            push_str_field(&mut out, "by", by);
         }
         EventBody::Read { chat, up_to } => {
             out.extend_from_slice(b",\"kind\":\"read\"");

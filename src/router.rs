@@ -21,9 +21,12 @@ use glommio::channels::channel_mesh::Senders;
 use glommio::channels::shared_channel::ConnectedReceiver;
 use glommio::{GlommioError, ResourceType};
 
-use crate::ids::{ChatId, ClientMsgId, ConnId, ConnRef, DeviceId, MsgId, Seq, ShardId, UserId};
+use crate::groups::GroupAppend;
+use crate::ids::{
+    ChatId, ClientMsgId, ConnId, ConnRef, DeviceId, GroupId, MsgId, Seq, ShardId, UserId,
+};
 use crate::notify::Notify;
-use crate::protocol::{DeleteScope, ErrorCode};
+use crate::protocol::{DeleteScope, ErrorCode, GroupOp};
 
 /// A message between shards (or from a shard to itself).
 #[derive(Debug)]
@@ -105,6 +108,32 @@ pub enum ShardMsg {
     },
     /// One owner → another: append an event that follows from something in another log.
     Append(ForeignEvent),
+    /// Connection shard → the group's owner: a membership operation.
+    GroupOp {
+        user: UserId,
+        conn: ConnRef,
+        op: GroupOp,
+        group: GroupId,
+        members: Vec<UserId>,
+        reply_id: Option<String>,
+    },
+    /// The group's owner → a member owner: append a group event to these members' logs.
+    GroupAppend(Box<GroupAppend>),
+    /// A member owner → the group's owner: its part of fan-out `id` is durable (or failed).
+    GroupAppended { id: MsgId, ok: bool },
+    /// Connection shard → the group's owner: relay a typing indicator to the members.
+    GroupTyping {
+        group: GroupId,
+        from: UserId,
+        on: bool,
+    },
+    /// Sender's owner → the group's owner: relay an edit or delete to the other members.
+    GroupForeign {
+        group: GroupId,
+        from: UserId,
+        ts_ms: u64,
+        kind: ForeignKind,
+    },
     /// Sender's owner → recipient's owner: append a message to the recipient's log.
     Deliver(Delivery),
     /// Recipient's owner → sender's owner: the recipient's copy is committed (or failed).
@@ -123,7 +152,8 @@ pub struct Delivery {
     pub ts_ms: u64,
     pub from: UserId,
     pub device: DeviceId,
-    pub to: UserId,
+    /// A user (1:1) or a group (delivered through the group's owner, which fans out).
+    pub to: ChatId,
     pub body: String,
     /// The shard that owns the sender and waits for the confirmation.
     pub origin: ShardId,

@@ -22,8 +22,10 @@ use futures_util::StreamExt;
 use crate::auth::Authenticator;
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::groups::{FanOut, FanOutProgress, GroupState};
 use crate::ids::{
-    ClientMsgId, ConnId, ConnRef, DeviceId, MsgId, Seq, ShardId, UserId, owner_shard,
+    ChatId, ClientMsgId, ConnId, ConnRef, DeviceId, GroupId, MsgId, Seq, ShardId, UserId,
+    owner_shard,
 };
 use crate::msgid::MsgIdMinter;
 use crate::notify::{Notify, yield_now};
@@ -63,6 +65,21 @@ pub enum AfterCommit {
     ForwardForeign(ForeignEvent),
     /// Expired events of `user` are gone: `low` rises to `low`.
     Pruned { user: UserId, low: Seq },
+    /// The group's owner: hand a group event to the members' owners, in the group's order.
+    FanOut(Box<FanOut>),
+    /// A member owner: its part of a fan-out is durable; tell the group's owner.
+    GroupAppended {
+        group_shard: ShardId,
+        id: MsgId,
+        members: Vec<UserId>,
+    },
+    /// Route a message once the batch is durable.
+    Route(ShardId, Box<ShardMsg>),
+    /// A group send is confirmed (or refused) and its dedupe entry is durable: answer waiters.
+    GroupSendDone {
+        msg: MsgId,
+        refused: Option<ErrorCode>,
+    },
 }
 
 /// Work staged for the next batch.
@@ -193,6 +210,10 @@ pub struct Shard {
     /// Recipient copies staged and not yet committed, so a re-driven delivery is not stored twice.
     pub(crate) delivering: RefCell<HashSet<(UserId, MsgId)>>,
     pub(crate) cursor_dirty: RefCell<HashSet<(UserId, DeviceId)>>,
+    /// Groups owned by this shard (loaded on first touch).
+    pub(crate) groups: RefCell<HashMap<GroupId, GroupState>>,
+    /// Group fan-outs waiting for their destination shards.
+    pub(crate) fan_outs: RefCell<HashMap<MsgId, FanOutProgress>>,
     /// Writes that need no answer and may ride along with the next batch.
     pub(crate) lazy_ops: RefCell<Vec<WriteOp>>,
 
@@ -239,6 +260,8 @@ impl Shard {
             delivering: RefCell::new(HashSet::new()),
             cursor_dirty: RefCell::new(HashSet::new()),
             lazy_ops: RefCell::new(Vec::new()),
+            groups: RefCell::new(HashMap::new()),
+            fan_outs: RefCell::new(HashMap::new()),
             conns: RefCell::new(HashMap::new()),
             next_conn: Cell::new(1),
             accepting: Cell::new(true),
@@ -260,6 +283,14 @@ impl Shard {
 
     pub fn owner_of(&self, user: &UserId) -> ShardId {
         owner_shard(user.as_str(), self.shards)
+    }
+
+    /// The owner of a chat: the user's owner for 1:1, `owner("g:<id>")` for a group.
+    pub fn owner_of_chat(&self, chat: &ChatId) -> ShardId {
+        match chat {
+            ChatId::Direct(user) => self.owner_of(user),
+            ChatId::Group(group) => owner_shard(&format!("g:{group}"), self.shards),
+        }
     }
 
     // -----------------------------------------------------------------------------------------
@@ -433,6 +464,23 @@ impl Shard {
             } => self.on_unlink(user, conn, device, reply_id),
             ShardMsg::Typing { to, chat, from, on } => self.on_typing(to, chat, from, on),
             ShardMsg::Append(event) => self.on_foreign_event(event),
+            ShardMsg::GroupOp {
+                user,
+                conn,
+                op,
+                group,
+                members,
+                reply_id,
+            } => self.on_group_op(user, conn, op, group, members, reply_id),
+            ShardMsg::GroupAppend(append) => self.on_group_append(*append),
+            ShardMsg::GroupAppended { id, ok } => self.on_group_appended(id, ok),
+            ShardMsg::GroupTyping { group, from, on } => self.on_group_typing(group, from, on),
+            ShardMsg::GroupForeign {
+                group,
+                from,
+                ts_ms,
+                kind,
+            } => self.on_group_foreign(group, from, ts_ms, kind),
             ShardMsg::Delivered { msg, result } => self.on_delivered(msg, result),
         }
     }
@@ -561,6 +609,8 @@ impl Shard {
             tracing::error!(shard = self.id.0, %error, "commit failed; reloading owned users from disk");
             let stale = std::mem::take(&mut *self.staged.borrow_mut());
             self.reload_users();
+            // Group membership is reloaded from disk on next touch.
+            self.groups.borrow_mut().clear();
             for action in stale.actions {
                 self.after_commit_failed(action, error);
             }
@@ -588,6 +638,10 @@ impl Shard {
         let pending = self.store().pending_all()?;
         let count = pending.len();
         for (msg, record) in pending {
+            if let Some(fan_out) = crate::groups::decode_fan_out(&record) {
+                self.resume_fan_out(fan_out);
+                continue;
+            }
             match crate::owner::decode_pending(&record) {
                 Some((delivery, client)) => self.resume_delivery(msg, delivery, client),
                 None => tracing::error!(msg = msg.0, "unreadable pending delivery record"),

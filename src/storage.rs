@@ -16,6 +16,7 @@
 //! - `chat_index`:   user \0 chat \0 msg id(u64 BE)→ seq (u64 BE): one chat's messages, for history
 //! - `msg_changes`:  user \0 msg id(u64 BE)         → 'd' (deleted) or 'e' ++ latest body (edited)
 //! - `watermarks`:   user \0 kind \0 chat          → u64 BE (receipt/read watermarks, acked max)
+//! - `groups`:       group id                       → membership record (JSON, see `groups`)
 //! - `pending`:      msg id(u64 BE)                 → a cross-shard delivery not yet confirmed
 //! - `meta`:         name                           → value (e.g. `max_msg_id`)
 
@@ -95,6 +96,8 @@ pub enum WriteOp {
         ts_ms: u64,
         order: u64,
         window: u64,
+        /// The send was refused for good (e.g. `not_member`): a retry gets this code again.
+        refused: Option<&'static str>,
     },
     /// Record a cross-shard delivery that must be re-driven after a crash until confirmed.
     PutPending { msg: MsgId, record: Vec<u8> },
@@ -126,6 +129,19 @@ pub enum WriteOp {
     UnlinkDevice { user: UserId, device: DeviceId },
     /// Delete `user`'s events with seq ≤ `through` (retention).
     PruneLog { user: UserId, through: Seq },
+    /// Store a group's membership record.
+    PutGroup { group: String, record: Vec<u8> },
+    /// The last member left: forget the group.
+    DeleteGroup { group: String },
+}
+
+/// The remembered answer to a device's `send`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DedupeEntry {
+    pub msg: MsgId,
+    pub ts_ms: u64,
+    /// The error code the send was refused with, if it was.
+    pub refused: Option<String>,
 }
 
 /// One bounded pass of the retention scan.
@@ -284,6 +300,7 @@ struct Tables {
     chat_index: Table,
     msg_changes: Table,
     watermarks: Table,
+    groups: Table,
 }
 
 /// What the store knows of one user when the owner first touches them.
@@ -335,6 +352,7 @@ impl Store {
             chat_index: env.create_database(&mut wtxn, Some("chat_index"))?,
             msg_changes: env.create_database(&mut wtxn, Some("msg_changes"))?,
             watermarks: env.create_database(&mut wtxn, Some("watermarks"))?,
+            groups: env.create_database(&mut wtxn, Some("groups"))?,
         };
         wtxn.commit()?;
         Ok(Store { env, tables })
@@ -486,6 +504,7 @@ impl Store {
                     ts_ms,
                     order,
                     window,
+                    refused,
                 } => {
                     // Evict the entry falling out of the window first. A client id can only
                     // be stored again after it fell out (inside the window a retry is answered
@@ -500,9 +519,10 @@ impl Store {
                                 .delete(&mut wtxn, &dedupe_key(user, device, &old_client))?;
                         }
                     }
-                    let mut value = [0u8; 16];
-                    value[..8].copy_from_slice(&msg.0.to_be_bytes());
-                    value[8..].copy_from_slice(&ts_ms.to_be_bytes());
+                    let mut value = Vec::with_capacity(24);
+                    value.extend_from_slice(&msg.0.to_be_bytes());
+                    value.extend_from_slice(&ts_ms.to_be_bytes());
+                    value.extend_from_slice(refused.unwrap_or("").as_bytes());
                     t.dedupe
                         .put(&mut wtxn, &dedupe_key(user, device, client), &value)?;
                     t.dedupe_order.put(
@@ -562,6 +582,12 @@ impl Store {
                             unsafe { entries.del_current()? };
                         }
                     }
+                }
+                WriteOp::PutGroup { group, record } => {
+                    t.groups.put(&mut wtxn, group.as_bytes(), record)?;
+                }
+                WriteOp::DeleteGroup { group } => {
+                    t.groups.delete(&mut wtxn, group.as_bytes())?;
                 }
                 WriteOp::PruneLog { user, through } => {
                     let start = log_key(user, Seq(0));
@@ -800,13 +826,22 @@ impl Store {
         user: &UserId,
         device: &DeviceId,
         client: &str,
-    ) -> Result<Option<(MsgId, u64)>, StoreError> {
+    ) -> Result<Option<DedupeEntry>, StoreError> {
         let rtxn = self.env.read_txn()?;
         let value = self
             .tables
             .dedupe
             .get(&rtxn, &dedupe_key(user, device, client))?;
-        Ok(value.and_then(|v| Some((MsgId(be_u64(v)?), be_u64(&v[8..])?))))
+        Ok(value.and_then(|v| {
+            Some(DedupeEntry {
+                msg: MsgId(be_u64(v)?),
+                ts_ms: be_u64(v.get(8..)?)?,
+                refused: v
+                    .get(16..)
+                    .filter(|code| !code.is_empty())
+                    .map(|code| String::from_utf8_lossy(code).into_owned()),
+            })
+        }))
     }
 
     /// The highest dedupe order number used by a device (0 when none).
@@ -845,6 +880,16 @@ impl Store {
             }
         }
         Ok(all)
+    }
+
+    /// A group's membership record.
+    pub fn group_get(&self, group: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let rtxn = self.env.read_txn()?;
+        Ok(self
+            .tables
+            .groups
+            .get(&rtxn, group.as_bytes())?
+            .map(<[u8]>::to_vec))
     }
 
     /// A named value.

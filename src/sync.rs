@@ -20,6 +20,8 @@ use crate::router::{ConnItem, ForeignEvent, ForeignKind, ShardMsg};
 use crate::shard::{AfterCommit, Shard};
 use crate::storage::{MsgChange, StoreError, WatermarkKind, WriteOp};
 
+/// Most messages a group read mark looks at to find whom to send read receipts.
+const READ_SCAN_MAX: usize = 1000;
 /// Most users one retention pass looks at.
 const PRUNE_USERS_PER_PASS: usize = 1000;
 
@@ -228,30 +230,43 @@ impl Shard {
             ));
         }
         let moved = self.with_user(&user, |state| {
-            state.raise_watermark(WatermarkKind::ReadMark, &chat_name, up_to.0)
+            let previous = state.watermark(WatermarkKind::ReadMark, &chat_name);
+            state
+                .raise_watermark(WatermarkKind::ReadMark, &chat_name, up_to.0)
+                .then_some(MsgId(previous))
         });
-        match moved {
+        let previous = match moved {
             Err(e) => return fail(Self::store_error_frame(&e)),
             // Marks only move forward: an older or equal mark changes nothing.
-            Ok(false) => return,
-            Ok(true) => {}
-        }
+            Ok(None) => return,
+            Ok(Some(previous)) => previous,
+        };
         let now = self.clock.now_ms();
-        let mut actions = Vec::new();
-        if let ChatId::Direct(peer) = &chat
-            && *peer != user
-        {
-            actions.push(AfterCommit::ForwardForeign(ForeignEvent {
-                to: peer.clone(),
-                ts_ms: now,
-                kind: ForeignKind::Receipt {
-                    chat: user.as_str().to_owned(),
-                    by: user.clone(),
-                    read: true,
-                    up_to,
-                },
-            }));
-        }
+        let senders: Vec<UserId> = match &chat {
+            ChatId::Direct(peer) if *peer != user => vec![peer.clone()],
+            ChatId::Direct(_) => Vec::new(),
+            ChatId::Group(_) => self.group_senders(&user, &chat_name, previous, up_to),
+        };
+        // A 1:1 chat is named by the reader on the sender's side; a group by the group.
+        let receipt_chat = match &chat {
+            ChatId::Direct(_) => user.as_str().to_owned(),
+            ChatId::Group(_) => chat_name.clone(),
+        };
+        let actions: Vec<AfterCommit> = senders
+            .into_iter()
+            .map(|sender| {
+                AfterCommit::ForwardForeign(ForeignEvent {
+                    to: sender,
+                    ts_ms: now,
+                    kind: ForeignKind::Receipt {
+                        chat: receipt_chat.clone(),
+                        by: user.clone(),
+                        read: true,
+                        up_to,
+                    },
+                })
+            })
+            .collect();
         let ops = vec![WriteOp::PutWatermark {
             user: user.clone(),
             kind: WatermarkKind::ReadMark,
@@ -265,6 +280,40 @@ impl Shard {
         if let Err(e) = self.stage_event(&user, now, &body, ops, actions) {
             fail(Self::store_error_frame(&e));
         }
+    }
+
+    /// The other members who sent messages to a group chat with ids in (`after`, `up_to`], from
+    /// the reader's chat index (at most `READ_SCAN_MAX` messages are looked at).
+    fn group_senders(&self, user: &UserId, chat: &str, after: MsgId, up_to: MsgId) -> Vec<UserId> {
+        let page = match self.store().chat_page(
+            user,
+            chat,
+            Some(MsgId(up_to.0.saturating_add(1))),
+            READ_SCAN_MAX,
+        ) {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::error!(%user, error = %e, "read receipt scan failed");
+                return Vec::new();
+            }
+        };
+        let mut senders: Vec<UserId> = Vec::new();
+        for (msg, seq) in page {
+            if msg <= after {
+                break;
+            }
+            let Ok(Some(record)) = self.store().read_record(user, seq) else {
+                continue;
+            };
+            if let Some(stored) = decode_stored_msg(&record)
+                && stored.from != user.as_str()
+                && let Some(sender) = UserId::parse(&stored.from)
+                && !senders.contains(&sender)
+            {
+                senders.push(sender);
+            }
+        }
+        senders
     }
 
     // -----------------------------------------------------------------------------------------
@@ -341,20 +390,11 @@ impl Shard {
                 ),
             ));
         }
-        let mut actions = Vec::new();
-        if stored.chat != user.as_str()
-            && let Some(peer) = UserId::parse(&stored.chat)
-        {
-            actions.push(AfterCommit::ForwardForeign(ForeignEvent {
-                to: peer,
-                ts_ms: now,
-                kind: ForeignKind::Edit {
-                    chat: user.as_str().to_owned(),
-                    msg,
-                    body: body.clone(),
-                },
-            }));
-        }
+        let actions = self.forward_change(&user, &stored.chat, now, |chat| ForeignKind::Edit {
+            chat,
+            msg,
+            body: body.clone(),
+        });
         let ops = vec![WriteOp::PutChange {
             user: user.clone(),
             msg,
@@ -406,18 +446,9 @@ impl Shard {
                         ),
                     ));
                 }
-                if stored.chat != user.as_str()
-                    && let Some(peer) = UserId::parse(&stored.chat)
-                {
-                    actions.push(AfterCommit::ForwardForeign(ForeignEvent {
-                        to: peer,
-                        ts_ms: now,
-                        kind: ForeignKind::Delete {
-                            chat: user.as_str().to_owned(),
-                            msg,
-                        },
-                    }));
-                }
+                actions = self.forward_change(&user, &stored.chat, now, |chat| {
+                    ForeignKind::Delete { chat, msg }
+                });
                 "everyone"
             }
         };
@@ -433,6 +464,39 @@ impl Shard {
         };
         if let Err(e) = self.stage_event(&user, now, &event, ops, actions) {
             fail(Self::store_error_frame(&e));
+        }
+    }
+
+    /// Where the sender's edit or delete goes once durable: the peer's owner (1:1, the chat
+    /// named by the sender), or the group's owner, which relays it to the other members.
+    fn forward_change(
+        &self,
+        user: &UserId,
+        chat: &str,
+        ts_ms: u64,
+        kind: impl FnOnce(String) -> ForeignKind,
+    ) -> Vec<AfterCommit> {
+        match ChatId::parse(chat) {
+            Some(ChatId::Direct(peer)) if peer != *user => {
+                vec![AfterCommit::ForwardForeign(ForeignEvent {
+                    to: peer,
+                    ts_ms,
+                    kind: kind(user.as_str().to_owned()),
+                })]
+            }
+            Some(ChatId::Group(group)) => {
+                let owner = self.owner_of_chat(&ChatId::Group(group.clone()));
+                vec![AfterCommit::Route(
+                    owner,
+                    Box::new(ShardMsg::GroupForeign {
+                        group,
+                        from: user.clone(),
+                        ts_ms,
+                        kind: kind(chat.to_owned()),
+                    }),
+                )]
+            }
+            _ => Vec::new(),
         }
     }
 
