@@ -41,7 +41,9 @@ type Ws = WebSocketStream<TcpStream>;
 
 /// Per-connection read buffer. tungstenite's default (128 KiB, always resident) would dominate
 /// the memory of an idle connection.
-const READ_BUFFER_BYTES: usize = 4096;
+/// 512 bytes holds any usual client frame (an ack is ~25 bytes, a short send ~100); larger
+/// frames are read in 512-byte steps into a buffer that grows for them.
+const READ_BUFFER_BYTES: usize = 512;
 /// Frames are written through as soon as this much is buffered; the rest is flushed once per
 /// drained batch of outbound items (several frames per syscall under load).
 const WRITE_BUFFER_BYTES: usize = 8192;
@@ -77,13 +79,13 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
     let peer = stream.peer_addr().ok();
-    let Some((ws, creds)) = handshake(&shard, stream).await else {
+    let Some((ws, creds)) = Box::pin(handshake(&shard, stream)).await else {
         return;
     };
     let Some(conn) = shard.register_conn(creds.user.clone(), creds.device.clone()) else {
         tracing::warn!(?peer, "connection limit of this shard reached");
         let mut ws = ws;
-        close(&mut ws, 1013, "server at its connection limit").await;
+        Box::pin(close(&mut ws, 1013, "server at its connection limit")).await;
         return;
     };
     tracing::info!(?peer, user = %creds.user, device = %creds.device, shard = shard.id.0, "connected");
@@ -101,7 +103,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     shard.unregister_conn(&conn, attached);
     let code = match end {
         End::Close(code, reason) => {
-            close(&mut ws, code, &reason).await;
+            Box::pin(close(&mut ws, code, &reason)).await;
             Some(code)
         }
         End::Gone => None,
@@ -213,7 +215,41 @@ struct Session {
 }
 
 impl Session {
+    /// The session's steady state. Only small state lives in this future while a connection
+    /// idles: the heavier phases (attach and replay, draining the outbox) are boxed, so their
+    /// memory exists only while they run.
     async fn run(&mut self) -> End {
+        if let Some(end) = Box::pin(self.start()).await {
+            return end;
+        }
+        loop {
+            match self.wait().await {
+                Wake::Outbox => {
+                    if let Some(end) = Box::pin(self.drain_outbox()).await {
+                        return end;
+                    }
+                }
+                Wake::Inbound(None) => return End::Gone,
+                Wake::Inbound(Some(Ok(message))) => {
+                    self.conn.last_rx.set(Instant::now());
+                    self.conn.pinged.set(false);
+                    match message {
+                        Message::Text(text) => self.on_text(text.as_bytes()),
+                        Message::Binary(_) => self.reply_error(FrameError::new(
+                            ErrorCode::BadFrame,
+                            "binary frames are not accepted; send JSON text frames",
+                        )),
+                        Message::Close(_) => return End::Gone,
+                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+                    }
+                }
+                Wake::Inbound(Some(Err(error))) => return end_for_error(error),
+            }
+        }
+    }
+
+    /// Attaches to the owner, sends `hello` and replays the backlog. `None`: go live.
+    async fn start(&mut self) -> Option<End> {
         let owner = self.shard.owner_of(&self.conn.user);
         self.shard.router.route(
             owner,
@@ -238,7 +274,7 @@ impl Session {
             })
             .await;
             match waited {
-                None => return End::Close(1011, "no answer from the user's shard".into()),
+                None => return Some(End::Close(1011, "no answer from the user's shard".into())),
                 Some(ConnItem::Attached { cursor, head, low }) => break (cursor, head, low),
                 Some(ConnItem::Refused {
                     code,
@@ -248,11 +284,13 @@ impl Session {
                     self.attached = false;
                     let error = FrameError::new(code, reason.clone());
                     if self.write_frame(error.encode()).await.is_err() {
-                        return End::Gone;
+                        return Some(End::Gone);
                     }
-                    return End::Close(close_code, reason);
+                    return Some(End::Close(close_code, reason));
                 }
-                Some(ConnItem::Close { code, reason }) => return End::Close(code, reason.into()),
+                Some(ConnItem::Close { code, reason }) => {
+                    return Some(End::Close(code, reason.into()));
+                }
                 Some(_) => debug_assert!(false, "an event reached a connection before Attached"),
             }
         };
@@ -264,40 +302,16 @@ impl Session {
             low,
         );
         if self.write_frame(hello).await.is_err() {
-            return End::Gone;
+            return Some(End::Gone);
         }
         self.next = cursor.next().max(low);
         self.conn.catching_up.set(true);
         let caught_up = self.replay(head).await;
         self.conn.catching_up.set(false);
         if caught_up.is_err() || self.ws.flush().await.is_err() {
-            return End::Gone;
+            return Some(End::Gone);
         }
-
-        loop {
-            match self.wait().await {
-                Wake::Outbox => {
-                    if let Some(end) = self.drain_outbox().await {
-                        return end;
-                    }
-                }
-                Wake::Inbound(None) => return End::Gone,
-                Wake::Inbound(Some(Ok(message))) => {
-                    self.conn.last_rx.set(Instant::now());
-                    self.conn.pinged.set(false);
-                    match message {
-                        Message::Text(text) => self.on_text(text.as_bytes()),
-                        Message::Binary(_) => self.reply_error(FrameError::new(
-                            ErrorCode::BadFrame,
-                            "binary frames are not accepted; send JSON text frames",
-                        )),
-                        Message::Close(_) => return End::Gone,
-                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
-                    }
-                }
-                Wake::Inbound(Some(Err(error))) => return end_for_error(error),
-            }
-        }
+        None
     }
 
     /// Waits for outbound items or an inbound frame. Cancel-safe by construction: the outbox is
