@@ -65,6 +65,12 @@ pub struct ServeArgs {
     /// How long the sender may delete a message for everyone, in seconds (default 48 h).
     #[arg(long, env = "COURIER_DELETE_WINDOW_SECS")]
     pub delete_window_secs: Option<u64>,
+    /// Frames (other than acks) one connection may send per second; burst twice that.
+    #[arg(long, env = "COURIER_CLIENT_FRAMES_PER_SECOND")]
+    pub client_frames_per_second: Option<u32>,
+    /// LMDB map size per shard in MiB (address space reserved; writes get `busy` when full).
+    #[arg(long, env = "COURIER_MAP_SIZE_MIB")]
+    pub map_size_mib: Option<usize>,
     /// Tests only: accept `{"t":"dev_clock","advance_ms":N}` to move the server clock forward.
     /// Requires --dev.
     #[arg(long, hide = true, requires = "dev")]
@@ -81,6 +87,12 @@ impl ServeArgs {
         config.shards = self.shards;
         config.dev = self.dev;
         config.dev_clock = self.dev_clock;
+        if let Some(rate) = self.client_frames_per_second {
+            config.client_frames_per_second = rate.max(1);
+        }
+        if let Some(mib) = self.map_size_mib {
+            config.lmdb_map_bytes = mib.max(1) << 20;
+        }
         if let Some(secs) = self.retention_secs {
             config.retention = Duration::from_secs(secs);
         }

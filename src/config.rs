@@ -83,6 +83,11 @@ pub struct Config {
     /// Typing indicators one connection may send per second (burst: twice that). Beyond:
     /// `rate_limited` with the time until the next token.
     pub typing_per_second: u32,
+    /// Frames (other than acks) one connection may send per second (burst: twice that).
+    /// Beyond: `rate_limited` with the time until the next token; the frame is not acted on.
+    /// The default is a flood guard (one connection can take ~2% of a core), far above what a
+    /// person sends; deployments that want fairness per user set it lower.
+    pub client_frames_per_second: u32,
     /// Most log events one ack examines for delivered receipts; events beyond are examined by
     /// the device's next ack.
     pub receipt_scan_max_events: usize,
@@ -130,6 +135,7 @@ impl Config {
             edit_window: Duration::from_secs(15 * 60),
             delete_window: Duration::from_secs(48 * 3600),
             typing_per_second: 5,
+            client_frames_per_second: 5000,
             receipt_scan_max_events: 10_000,
             dev_clock: false,
             lmdb_map_bytes: 64 << 30,

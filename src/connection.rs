@@ -445,6 +445,24 @@ impl Session {
             Err(error) => return self.reply_error(error),
         };
         let reply_id = decoded.id;
+        if let ClientFrame::Ack { seq } = decoded.frame {
+            // Acks are cumulative: only one that moves past the last routed ack does any work,
+            // so acks need no rate limit.
+            if seq <= self.conn.acked.get() {
+                return;
+            }
+            // Only acks of events this connection delivered are remembered: a bogus ack beyond
+            // them is judged by the owner (bad_seq) and must not hide later valid acks.
+            if seq < self.next {
+                self.conn.acked.set(seq);
+            }
+        } else if let Err(retry_ms) = self.conn.frames.take(Instant::now()) {
+            return self.reply_error(
+                FrameError::new(ErrorCode::RateLimited, "too many frames")
+                    .with_retry(retry_ms)
+                    .with_id(reply_id.as_deref()),
+            );
+        }
         let user = self.conn.user.clone();
         let device = self.conn.device.clone();
         let conn = shard.conn_ref(self.conn.id);
@@ -498,7 +516,7 @@ impl Session {
                 reply_id: reply_id.clone(),
             },
             ClientFrame::Typing { chat, on } => {
-                if let Err(retry_ms) = self.conn.take_typing_token(shard.config.typing_per_second) {
+                if let Err(retry_ms) = self.conn.typing.take(Instant::now()) {
                     return self.reply_error(
                         FrameError::new(ErrorCode::RateLimited, "too many typing indicators")
                             .with_retry(retry_ms)

@@ -14,6 +14,7 @@ pub mod msgid;
 mod notify;
 mod owner;
 pub mod protocol;
+mod rate;
 mod router;
 pub mod server;
 mod shard;

@@ -31,6 +31,7 @@ use crate::msgid::MsgIdMinter;
 use crate::notify::{Notify, yield_now};
 use crate::owner::{Inflight, UserState};
 use crate::protocol::{ErrorCode, FrameError};
+use crate::rate::TokenBucket;
 use crate::router::{ConnItem, Delivery, ForeignEvent, Router, ShardMsg};
 use crate::storage::{Completion, Store, StoreError, WriteBatch, WriteOp, WriterHandle};
 
@@ -105,13 +106,16 @@ pub struct ConnShared {
     pub notify: Notify,
     pub last_rx: Cell<Instant>,
     pub pinged: Cell<bool>,
-    /// Typing tokens left (token bucket, refilled at `typing_per_second`).
-    pub typing_tokens: Cell<f64>,
-    pub typing_refilled: Cell<Instant>,
+    /// Typing indicators this connection may still send (`typing_per_second`).
+    pub typing: TokenBucket,
+    /// Client frames this connection may still send (`client_frames_per_second`; acks free).
+    pub frames: TokenBucket,
+    /// Highest ack routed to the owner: a repeated or lower ack is not routed again.
+    pub acked: Cell<Seq>,
 }
 
 impl ConnShared {
-    fn new(id: ConnId, user: UserId, device: DeviceId, typing_burst: f64) -> Self {
+    fn new(id: ConnId, user: UserId, device: DeviceId, limits: (u32, u32)) -> Self {
         ConnShared {
             id,
             user,
@@ -124,8 +128,9 @@ impl ConnShared {
             notify: Notify::default(),
             last_rx: Cell::new(Instant::now()),
             pinged: Cell::new(false),
-            typing_tokens: Cell::new(typing_burst),
-            typing_refilled: Cell::new(Instant::now()),
+            typing: TokenBucket::new(limits.0),
+            frames: TokenBucket::new(limits.1),
+            acked: Cell::new(Seq::ZERO),
         }
     }
 
@@ -168,25 +173,6 @@ impl ConnShared {
 
     pub fn is_empty(&self) -> bool {
         self.outbox.borrow().is_empty()
-    }
-
-    /// Takes a typing token; `Err(ms until the next token)` when the bucket is empty. The
-    /// bucket holds two seconds' worth and starts full.
-    pub fn take_typing_token(&self, per_second: u32) -> Result<(), u64> {
-        let rate = f64::from(per_second.max(1));
-        let capacity = rate * 2.0;
-        let now = Instant::now();
-        let elapsed = now.duration_since(self.typing_refilled.get()).as_secs_f64();
-        let mut tokens = (self.typing_tokens.get() + elapsed * rate).min(capacity);
-        self.typing_refilled.set(now);
-        if tokens >= 1.0 {
-            tokens -= 1.0;
-            self.typing_tokens.set(tokens);
-            Ok(())
-        } else {
-            self.typing_tokens.set(tokens);
-            Err((((1.0 - tokens) / rate) * 1000.0).ceil() as u64)
-        }
     }
 }
 
@@ -304,8 +290,11 @@ impl Shard {
         }
         let id = ConnId(self.next_conn.get());
         self.next_conn.set(id.0 + 1);
-        let typing_burst = 2.0 * f64::from(self.config.typing_per_second.max(1));
-        let conn = Rc::new(ConnShared::new(id, user, device, typing_burst));
+        let limits = (
+            self.config.typing_per_second,
+            self.config.client_frames_per_second,
+        );
+        let conn = Rc::new(ConnShared::new(id, user, device, limits));
         conns.insert(id, conn.clone());
         Some(conn)
     }
