@@ -50,6 +50,12 @@ pub struct ServeArgs {
     /// Development mode: accept `?user=&device=` without a token (loopback listeners only).
     #[arg(long)]
     pub dev: bool,
+    /// Admin listener for /metrics, /healthz, /readyz, /api and /dashboard ("off" disables it).
+    #[arg(long, env = "COURIER_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    /// File holding the bearer token of the admin API (or COURIER_ADMIN_TOKEN).
+    #[arg(long, env = "COURIER_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
     /// File holding the HS256 secret for client JWTs.
     #[arg(long, env = "COURIER_AUTH_SECRET_FILE")]
     pub auth_secret_file: Option<PathBuf>,
@@ -87,6 +93,23 @@ impl ServeArgs {
         config.shards = self.shards;
         config.dev = self.dev;
         config.dev_clock = self.dev_clock;
+        match self.admin_listen.as_deref() {
+            None => {}
+            Some("off") => config.admin_listen = None,
+            Some(addr) => {
+                config.admin_listen = Some(
+                    addr.parse()
+                        .map_err(|e| format!("--admin-listen {addr:?}: {e}"))?,
+                );
+                config.admin_listen_explicit = true;
+            }
+        }
+        config.admin_token = match self.admin_token_file {
+            Some(path) => Some(read_secret(&path)?),
+            None => std::env::var("COURIER_ADMIN_TOKEN")
+                .ok()
+                .filter(|s| !s.is_empty()),
+        };
         if let Some(rate) = self.client_frames_per_second {
             config.client_frames_per_second = rate.max(1);
         }
@@ -110,15 +133,7 @@ impl ServeArgs {
             DurabilityArg::ProcessCrash => Durability::ProcessCrashSafe,
         };
         config.auth_secret = match self.auth_secret_file {
-            Some(path) => {
-                let secret = std::fs::read(&path)
-                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-                let trimmed = secret.trim_ascii().to_vec();
-                if trimmed.is_empty() {
-                    return Err(format!("{} is empty", path.display()));
-                }
-                Some(trimmed)
-            }
+            Some(path) => Some(read_secret(&path)?.into_bytes()),
             None => std::env::var("COURIER_AUTH_SECRET")
                 .ok()
                 .filter(|s| !s.is_empty())
@@ -126,4 +141,15 @@ impl ServeArgs {
         };
         Ok(config)
     }
+}
+
+/// Reads a secret from a file, trimming surrounding white space; an empty file is an error.
+fn read_secret(path: &std::path::Path) -> Result<String, String> {
+    let secret = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let trimmed = secret.trim();
+    if trimmed.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(trimmed.to_owned())
 }

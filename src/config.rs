@@ -30,6 +30,13 @@ pub struct Config {
     pub shards: Option<usize>,
     /// Accept `?user=&device=` without a token. Refused unless `listen` is loopback.
     pub dev: bool,
+    /// Admin listener (metrics, health, admin API, dashboard); `None` turns it off.
+    pub admin_listen: Option<SocketAddr>,
+    /// Whether `admin_listen` was asked for explicitly (then failing to bind it is fatal).
+    pub admin_listen_explicit: bool,
+    /// Bearer token for the admin API. Without one the API is closed, except on a `dev` server
+    /// whose admin listener is on loopback.
+    pub admin_token: Option<String>,
     /// HS256 secret for JWTs; `None` means only dev credentials work.
     pub auth_secret: Option<Vec<u8>>,
     pub durability: Durability,
@@ -112,6 +119,9 @@ impl Config {
             data_dir,
             shards: None,
             dev: false,
+            admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 7071))),
+            admin_listen_explicit: false,
+            admin_token: None,
             auth_secret: None,
             durability: Durability::Fsync,
             max_frame_bytes: 64 * 1024,

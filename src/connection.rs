@@ -29,6 +29,7 @@ use tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use crate::auth::Credentials;
 use crate::ids::{ChatId, MsgId, Seq};
+use crate::metrics::ShardMetrics;
 use crate::protocol::{
     ClientFrame, ErrorCode, FrameError, decode_client_frame, encode_hello, encode_history,
     rewrite_edited,
@@ -79,9 +80,14 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
     let peer = stream.peer_addr().ok();
+    if let Some(asset) = Box::pin(static_asset(&shard, &stream)).await {
+        Box::pin(serve_asset(stream, asset)).await;
+        return;
+    }
     let Some((ws, creds)) = Box::pin(handshake(&shard, stream)).await else {
         return;
     };
+    ShardMetrics::count(&shard.metrics.handshakes_total);
     let Some(conn) = shard.register_conn(creds.user.clone(), creds.device.clone()) else {
         tracing::warn!(?peer, "connection limit of this shard reached");
         let mut ws = ws;
@@ -103,12 +109,71 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     shard.unregister_conn(&conn, attached);
     let code = match end {
         End::Close(code, reason) => {
+            if code == 4009 {
+                ShardMetrics::count(&shard.metrics.slow_consumer_closes_total);
+            }
             Box::pin(close(&mut ws, code, &reason)).await;
             Some(code)
         }
         End::Gone => None,
     };
     tracing::info!(?peer, user = %creds.user, device = %creds.device, close = ?code, "disconnected");
+}
+
+/// Longest request head read for a static file.
+const STATIC_REQUEST_MAX_BYTES: usize = 8192;
+
+/// Whether the connection asks for one of the embedded files (a plain `GET`, not the WebSocket
+/// endpoint). Peeks at the first bytes without consuming them, so the WebSocket handshake sees
+/// the request intact otherwise.
+async fn static_asset(
+    shard: &Shard,
+    stream: &TcpStream,
+) -> Option<&'static (&'static str, &'static str, &'static str)> {
+    if crate::web::CLIENT_ASSETS.is_empty() {
+        return None;
+    }
+    let mut head = [0u8; 256];
+    let peeked = with_timeout(shard.config.handshake_timeout, stream.peek(&mut head))
+        .await?
+        .ok()?;
+    let line = head[..peeked].strip_prefix(b"GET ")?;
+    let end = line.iter().position(|b| *b == b' ' || *b == b'?')?;
+    let path = std::str::from_utf8(&line[..end]).ok()?;
+    crate::web::CLIENT_ASSETS
+        .iter()
+        .find(|(p, _, _)| *p == path)
+}
+
+/// Answers a static file request and closes the connection.
+async fn serve_asset(mut stream: TcpStream, asset: &(&str, &str, &str)) {
+    use futures_util::AsyncWriteExt;
+    let (_, content_type, body) = asset;
+    // Consume the request head (bounded) so closing does not reset the connection.
+    let mut head = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    let read_head = async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < STATIC_REQUEST_MAX_BYTES {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => head.extend_from_slice(&chunk[..n]),
+            }
+        }
+        true
+    };
+    if with_timeout(CLOSE_TIMEOUT, read_head).await != Some(true) {
+        return;
+    }
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let write = async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
+        stream.flush().await
+    };
+    let _ = with_timeout(CLOSE_TIMEOUT, write).await;
 }
 
 /// Upgrades the connection, checking credentials inside the handshake (401 before upgrade).
@@ -136,6 +201,7 @@ async fn handshake(shard: &Shard, stream: TcpStream) -> Option<(Ws, Credentials)
                 Ok(response)
             }
             Err(reason) => {
+                ShardMetrics::count(&shard.metrics.auth_failures_total);
                 tracing::info!(%reason, "credentials refused");
                 Err(http_error(401, "unauthorized"))
             }
@@ -422,6 +488,7 @@ impl Session {
     }
 
     async fn feed(&mut self, frame: Bytes) -> Result<(), ()> {
+        ShardMetrics::count(&self.shard.metrics.frames_out_total);
         let text = Utf8Bytes::try_from(frame).map_err(|_| {
             tracing::error!("refusing to send a frame that is not UTF-8");
         })?;
@@ -434,6 +501,7 @@ impl Session {
     }
 
     fn reply_error(&self, error: FrameError) {
+        self.shard.metrics.error(error.code);
         self.conn.push(ConnItem::Frame(error.encode()), usize::MAX);
     }
 
@@ -442,8 +510,12 @@ impl Session {
         let shard = &self.shard;
         let decoded = match decode_client_frame(text, shard.config.max_body_bytes) {
             Ok(decoded) => decoded,
-            Err(error) => return self.reply_error(error),
+            Err(error) => {
+                shard.metrics.frame_in("invalid");
+                return self.reply_error(error);
+            }
         };
+        shard.metrics.frame_in(decoded.frame.type_name());
         let reply_id = decoded.id;
         if let ClientFrame::Ack { seq } = decoded.frame {
             // Acks are cumulative: only one that moves past the last routed ack does any work,

@@ -218,6 +218,17 @@ impl Shard {
         self.stage(ops, vec![AfterCommit::FanOut(Box::new(fan_out))]);
     }
 
+    /// An owned group's admin and members in join order (`None`: no such group).
+    pub(crate) fn group_snapshot(
+        &self,
+        group: &GroupId,
+    ) -> Result<Option<(UserId, Vec<UserId>)>, StoreError> {
+        self.with_group(group, |slot| {
+            slot.as_ref()
+                .map(|state| (state.admin.clone(), state.member_list()))
+        })
+    }
+
     // -----------------------------------------------------------------------------------------
     // Sending.
 

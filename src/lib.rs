@@ -3,6 +3,7 @@
 //! The codemap and invariants are in README.md (Architecture). Entry point for embedders and
 //! tests: [`server::Server::start`] with a [`config::Config`].
 
+pub mod admin;
 pub mod auth;
 pub mod cli;
 pub mod clock;
@@ -10,6 +11,7 @@ pub mod config;
 mod connection;
 mod groups;
 pub mod ids;
+pub mod metrics;
 pub mod msgid;
 mod notify;
 mod owner;
@@ -20,3 +22,4 @@ pub mod server;
 mod shard;
 pub mod storage;
 mod sync;
+mod web;

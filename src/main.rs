@@ -46,7 +46,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The client address first: tools wait for the first "listening on" line.
     println!("listening on {}", server.local_addr());
+    if let Some(admin) = server.admin_addr() {
+        println!("admin listening on {admin}");
+    }
     let _ = std::io::stdout().flush();
     if let Some(signal) = signals.forever().next() {
         tracing::info!(signal, "stopping");

@@ -21,7 +21,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
 
+use crate::admin::{AdminError, AdminRequest};
 use crate::ids::{ChatId, ClientMsgId, ConnRef, DeviceId, MsgId, Seq, ShardId, UserId};
+use crate::metrics::ShardMetrics;
 use crate::protocol::{
     DeviceListing, ErrorCode, EventBody, FrameError, encode_devices, encode_event, encode_sent,
 };
@@ -187,6 +189,7 @@ impl Shard {
             }
             drop(users);
             for conn in lost {
+                self.device_offline();
                 self.to_conn(
                     conn,
                     ConnItem::Close {
@@ -224,12 +227,13 @@ impl Shard {
                         1013,
                     );
                 }
-                let replaced = d.online.replace(conn).filter(|old| *old != conn);
+                let previous = d.online.replace(conn);
                 return Attach::Known {
                     cursor: d.cursor,
                     head: state.committed,
                     low: state.low,
-                    replaced,
+                    came_online: previous.is_none(),
+                    replaced: previous.filter(|old| *old != conn),
                 };
             }
             if state.devices.len() >= max_devices {
@@ -280,8 +284,12 @@ impl Shard {
                 cursor,
                 head,
                 low,
+                came_online,
                 replaced,
             }) => {
+                if came_online {
+                    self.device_online();
+                }
                 if let Some(old) = replaced {
                     self.to_conn(
                         old,
@@ -328,6 +336,8 @@ impl Shard {
             && d.online == Some(conn)
         {
             d.online = None;
+            drop(users);
+            self.device_offline();
         }
     }
 
@@ -590,6 +600,7 @@ impl Shard {
         delivery: Option<Delivery>,
         conn: ConnRef,
     ) {
+        ShardMetrics::count(&self.metrics.messages_total);
         let (user, device, client) = key.clone();
         self.inflight_by_client.borrow_mut().insert(key, msg);
         self.inflight_by_msg.borrow_mut().insert(
@@ -867,6 +878,7 @@ impl Shard {
                     Some((d.cursor, state.committed, state.low))
                 });
                 if let Ok(Some((cursor, head, low))) = attached {
+                    self.device_online();
                     self.to_conn(conn, ConnItem::Attached { cursor, head, low });
                 }
             }
@@ -1022,6 +1034,11 @@ impl Shard {
                 .filter_map(|d| d.online)
                 .collect::<Vec<_>>()
         };
+        ShardMetrics::add(&self.metrics.events_appended_total, events.len() as u64);
+        ShardMetrics::add(
+            &self.metrics.deliveries_total,
+            (events.len() * targets.len()) as u64,
+        );
         for conn in targets {
             for (seq, record) in &events {
                 self.to_conn(
@@ -1034,6 +1051,75 @@ impl Shard {
             }
         }
     }
+
+    // -----------------------------------------------------------------------------------------
+    // Admin.
+
+    /// Answers an admin question about an owned user or group.
+    pub(crate) fn on_admin(&self, request: AdminRequest) -> Result<serde_json::Value, AdminError> {
+        let internal = |e: StoreError| AdminError::Internal(e.to_string());
+        match request {
+            AdminRequest::Devices { user } => self
+                .with_user(&user, |state| {
+                    let devices: Vec<serde_json::Value> = state
+                        .devices
+                        .iter()
+                        .filter(|(_, d)| !d.linking)
+                        .map(|(device, d)| {
+                            serde_json::json!({
+                                "device": device.as_str(),
+                                "online": d.online.is_some(),
+                                "cursor": d.cursor.0,
+                            })
+                        })
+                        .collect();
+                    serde_json::json!({
+                        "user": user.as_str(),
+                        "head": state.committed.0,
+                        "low": state.low.0,
+                        "devices": devices,
+                    })
+                })
+                .map_err(internal),
+            AdminRequest::Unlink { user, device } => self
+                .unlink_device(&user, &device)
+                .map(|()| serde_json::json!({"unlinked": device.as_str()}))
+                .map_err(|e| match e.code {
+                    ErrorCode::BadId => AdminError::NotFound(e.reason),
+                    _ => AdminError::Internal(e.reason),
+                }),
+            AdminRequest::Disconnect { user } => {
+                let online = self
+                    .with_user(&user, |state| {
+                        state
+                            .devices
+                            .values()
+                            .filter_map(|d| d.online)
+                            .collect::<Vec<_>>()
+                    })
+                    .map_err(internal)?;
+                for conn in &online {
+                    self.to_conn(
+                        *conn,
+                        ConnItem::Close {
+                            code: 1008,
+                            reason: "disconnected by an administrator",
+                        },
+                    );
+                }
+                Ok(serde_json::json!({"disconnected": online.len()}))
+            }
+            AdminRequest::GroupMembers { group } => match self.group_snapshot(&group) {
+                Ok(Some((admin, members))) => Ok(serde_json::json!({
+                    "group": format!("g:{group}"),
+                    "admin": admin.as_str(),
+                    "members": members.iter().map(UserId::as_str).collect::<Vec<_>>(),
+                })),
+                Ok(None) => Err(AdminError::NotFound(format!("no group g:{group}"))),
+                Err(e) => Err(internal(e)),
+            },
+        }
+    }
 }
 
 enum Attach {
@@ -1041,6 +1127,7 @@ enum Attach {
         cursor: Seq,
         head: Seq,
         low: Seq,
+        came_online: bool,
         replaced: Option<ConnRef>,
     },
     Linking {

@@ -31,7 +31,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::BadJson,
         ErrorCode::BadFrame,
         ErrorCode::UnknownType,
@@ -187,6 +187,25 @@ pub enum ClientFrame {
     },
     /// Tests only (`--dev-clock`): move the server clock forward.
     DevClock { advance_ms: u64 },
+}
+
+impl ClientFrame {
+    /// The frame's `t`.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ClientFrame::Ack { .. } => "ack",
+            ClientFrame::Send { .. } => "send",
+            ClientFrame::Read { .. } => "read",
+            ClientFrame::Typing { .. } => "typing",
+            ClientFrame::Edit { .. } => "edit",
+            ClientFrame::Delete { .. } => "delete",
+            ClientFrame::Group { .. } => "group",
+            ClientFrame::Devices => "devices",
+            ClientFrame::Unlink { .. } => "unlink",
+            ClientFrame::History { .. } => "history",
+            ClientFrame::DevClock { .. } => "dev_clock",
+        }
+    }
 }
 
 /// Largest `history` page; a larger `limit` is clamped to this.

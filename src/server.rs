@@ -21,9 +21,11 @@ use glommio::net::TcpListener;
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::admin::{AdminCall, AdminContext, AdminServer};
 use crate::config::Config;
 use crate::connection;
 use crate::ids::{MsgId, ShardId};
+use crate::metrics::ShardMetrics;
 use crate::msgid::MAX_SHARDS;
 use crate::router::{Router, ShardMsg};
 use crate::shard::{META_MAX_MSG_ID, Shard};
@@ -61,6 +63,7 @@ fn refuse(msg: impl Into<String>) -> StartError {
 /// A running server.
 pub struct Server {
     addr: SocketAddr,
+    admin: Option<AdminServer>,
     stops: Vec<oneshot::Sender<()>>,
     shards: Vec<ExecutorJoinHandle<()>>,
 }
@@ -91,6 +94,10 @@ impl Server {
         let (addr, fds) = bind_listeners(config.listen, shards)?;
 
         let mesh = MeshBuilder::<ShardMsg, _>::full(shards, config.cross_shard_ring_slots);
+        let metrics: Vec<Arc<ShardMetrics>> = (0..shards).map(ShardMetrics::new).collect();
+        let (admin_senders, mut admin_receivers): (Vec<_>, Vec<_>) = (0..shards)
+            .map(|_| futures_channel::mpsc::unbounded::<AdminCall>())
+            .unzip();
         let cpus = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
@@ -104,11 +111,18 @@ impl Server {
             let stores = stores.clone();
             let mesh = mesh.clone();
             let ready = ready_tx.clone();
+            let shard_io = ShardIo {
+                metrics: metrics[index].clone(),
+                admin: admin_receivers.remove(0),
+                listener: fd,
+                ready,
+                stop: stop_rx,
+            };
             let handle = LocalExecutorBuilder::new(Placement::Fixed(index % cpus))
                 .name(&format!("courier-shard-{index}"))
                 .io_memory(IO_MEMORY_BYTES)
                 .spawn(move || async move {
-                    run_shard(ShardId(index), config, stores, mesh, fd, ready, stop_rx).await
+                    run_shard(ShardId(index), config, stores, mesh, shard_io).await
                 })
                 .map_err(|e| refuse(format!("cannot start shard {index}: {e}")))?;
             handles.push(handle);
@@ -122,8 +136,10 @@ impl Server {
             }
         }
         tracing::info!(%addr, shards, "accepting connections");
+        let admin = start_admin(&config, metrics, admin_senders)?;
         Ok(Server {
             addr,
+            admin,
             stops,
             shards: handles,
         })
@@ -136,7 +152,15 @@ impl Server {
 
     /// Stops accepting, closes every connection with 1001, commits what is staged, stops the
     /// writers, and waits for every shard to finish.
+    /// The admin listener's address, if it runs.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(AdminServer::local_addr)
+    }
+
     pub fn shutdown(self) {
+        if let Some(admin) = self.admin {
+            admin.stop();
+        }
         for stop in self.stops {
             let _ = stop.send(());
         }
@@ -148,24 +172,41 @@ impl Server {
     }
 }
 
+/// What a shard thread gets from the starting thread besides config and stores.
+struct ShardIo {
+    metrics: Arc<ShardMetrics>,
+    admin: futures_channel::mpsc::UnboundedReceiver<AdminCall>,
+    /// A bound, listening socket owned by this shard.
+    listener: RawFd,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+    stop: oneshot::Receiver<()>,
+}
+
 async fn run_shard(
     id: ShardId,
     config: Arc<Config>,
     stores: Arc<[Store]>,
     mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
-    fd: RawFd,
-    ready: std::sync::mpsc::Sender<Result<(), String>>,
-    stop: oneshot::Receiver<()>,
+    io: ShardIo,
 ) {
-    // SAFETY: `fd` is a bound, listening TCP socket whose ownership was handed to this shard.
-    let listener = unsafe { TcpListener::from_raw_fd(fd) };
-    let shard = match start_shard(id, config, stores, mesh).await {
+    let ShardIo {
+        metrics,
+        admin,
+        listener,
+        ready,
+        stop,
+    } = io;
+    // SAFETY: `listener` is a bound, listening TCP socket whose ownership was handed to us.
+    let listener = unsafe { TcpListener::from_raw_fd(listener) };
+    let shard = match start_shard(id, config, stores, mesh, metrics).await {
         Ok(shard) => shard,
         Err(e) => {
             let _ = ready.send(Err(e));
             return;
         }
     };
+    glommio::spawn_local(shard.clone().run_admin(admin)).detach();
+    ShardMetrics::set(&shard.metrics.ready, 1);
     let _ = ready.send(Ok(()));
 
     let accept_loop = {
@@ -192,6 +233,7 @@ async fn run_shard(
     }
 
     shard.accepting.set(false);
+    ShardMetrics::set(&shard.metrics.ready, 0);
     shard.close_all_connections();
     let deadline = Instant::now() + SHUTDOWN_CLOSE_WAIT;
     while shard.connection_count() > 0 && Instant::now() < deadline {
@@ -211,6 +253,7 @@ async fn start_shard(
     config: Arc<Config>,
     stores: Arc<[Store]>,
     mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
+    metrics: Arc<ShardMetrics>,
 ) -> Result<Rc<Shard>, String> {
     let (senders, mut receivers) = mesh
         .join()
@@ -239,6 +282,7 @@ async fn start_shard(
         router.clone(),
         writer,
         floor,
+        metrics,
     );
 
     glommio::spawn_local(shard.clone().run_flusher()).detach();
@@ -266,6 +310,37 @@ async fn start_shard(
         tracing::info!(shard = id.0, recovered, "re-driving unconfirmed deliveries");
     }
     Ok(shard)
+}
+
+/// Starts the admin listener. A default address that is taken only costs the admin listener
+/// (logged), so several servers can run side by side; an address asked for explicitly must bind.
+fn start_admin(
+    config: &Config,
+    metrics: Vec<Arc<ShardMetrics>>,
+    shards: Vec<futures_channel::mpsc::UnboundedSender<AdminCall>>,
+) -> Result<Option<AdminServer>, StartError> {
+    let Some(addr) = config.admin_listen else {
+        return Ok(None);
+    };
+    let context = AdminContext {
+        metrics,
+        shards,
+        token: config.admin_token.clone(),
+        open_without_token: config.dev && addr.ip().is_loopback(),
+        started: Instant::now(),
+        assets: crate::web::ADMIN_ASSETS,
+    };
+    match AdminServer::start(addr, context) {
+        Ok(admin) => {
+            tracing::info!(addr = %admin.local_addr(), "admin listener up");
+            Ok(Some(admin))
+        }
+        Err(e) if !config.admin_listen_explicit => {
+            tracing::warn!(error = %e, "no admin listener (the default address is taken)");
+            Ok(None)
+        }
+        Err(e) => Err(refuse(e)),
+    }
 }
 
 fn check_dev_mode(config: &Config) -> Result<(), StartError> {

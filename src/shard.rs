@@ -19,6 +19,7 @@ use bytes::Bytes;
 use futures_channel::mpsc::UnboundedReceiver;
 use futures_util::StreamExt;
 
+use crate::admin::AdminCall;
 use crate::auth::Authenticator;
 use crate::clock::Clock;
 use crate::config::Config;
@@ -27,6 +28,7 @@ use crate::ids::{
     ChatId, ClientMsgId, ConnId, ConnRef, DeviceId, GroupId, MsgId, Seq, ShardId, UserId,
     owner_shard,
 };
+use crate::metrics::ShardMetrics;
 use crate::msgid::MsgIdMinter;
 use crate::notify::{Notify, yield_now};
 use crate::owner::{Inflight, UserState};
@@ -81,6 +83,14 @@ pub enum AfterCommit {
         msg: MsgId,
         refused: Option<ErrorCode>,
     },
+}
+
+/// A batch the writer has not completed yet.
+struct InFlightBatch {
+    id: u64,
+    submitted: Instant,
+    ops: usize,
+    actions: Vec<AfterCommit>,
 }
 
 /// Work staged for the next batch.
@@ -184,6 +194,7 @@ pub struct Shard {
     /// store; committed records are immutable, so reading them from here is safe).
     pub stores: Arc<[Store]>,
     pub router: Rc<Router>,
+    pub metrics: Arc<ShardMetrics>,
     pub clock: Clock,
     pub auth: Authenticator,
     pub minter: MsgIdMinter,
@@ -212,7 +223,8 @@ pub struct Shard {
     // Commit pipeline.
     writer: RefCell<WriterHandle>,
     staged: RefCell<Staged>,
-    in_flight: RefCell<VecDeque<(u64, Vec<AfterCommit>)>>,
+    /// Batches handed to the writer: id, when, how many writes, and what to do after.
+    in_flight: RefCell<VecDeque<InFlightBatch>>,
     next_batch: Cell<u64>,
     pub(crate) epoch: Cell<u64>,
     flush_wanted: Notify,
@@ -228,6 +240,7 @@ impl Shard {
         router: Rc<Router>,
         writer: WriterHandle,
         minted_floor: Option<MsgId>,
+        metrics: Arc<ShardMetrics>,
     ) -> Rc<Shard> {
         let shards = config.shard_count();
         Rc::new(Shard {
@@ -237,6 +250,7 @@ impl Shard {
             config,
             stores,
             router,
+            metrics,
             clock: Clock::system(),
             minter: MsgIdMinter::new(id, minted_floor),
             minted: Cell::new(None),
@@ -296,12 +310,16 @@ impl Shard {
         );
         let conn = Rc::new(ConnShared::new(id, user, device, limits));
         conns.insert(id, conn.clone());
+        ShardMetrics::set(&self.metrics.connections, conns.len() as u64);
         Some(conn)
     }
 
     /// Forgets a connection and tells the owner its device went offline.
     pub fn unregister_conn(&self, conn: &ConnShared, attached: bool) {
-        self.conns.borrow_mut().remove(&conn.id);
+        let mut conns = self.conns.borrow_mut();
+        conns.remove(&conn.id);
+        ShardMetrics::set(&self.metrics.connections, conns.len() as u64);
+        drop(conns);
         if attached {
             let owner = self.owner_of(&conn.user);
             self.router.route(
@@ -340,6 +358,7 @@ impl Shard {
 
     /// Sends an error frame to a connection on any shard.
     pub fn to_conn_error(&self, conn: ConnRef, error: FrameError) {
+        self.metrics.error(error.code);
         self.to_conn(conn, ConnItem::Frame(error.encode()));
     }
 
@@ -391,6 +410,28 @@ impl Shard {
                     conn.push(ConnItem::Ping, usize::MAX);
                 }
             }
+        }
+    }
+
+    /// An owned device came online.
+    pub(crate) fn device_online(&self) {
+        ShardMetrics::add(&self.metrics.online_devices, 1);
+    }
+
+    /// An owned device went offline (or was unlinked while online).
+    pub(crate) fn device_offline(&self) {
+        let _ = self.metrics.online_devices.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |n| Some(n.saturating_sub(1)),
+        );
+    }
+
+    /// Answers admin questions about owned users and groups, one at a time.
+    pub async fn run_admin(self: Rc<Self>, mut calls: UnboundedReceiver<AdminCall>) {
+        while let Some(call) = calls.next().await {
+            let answer = self.on_admin(call.request);
+            let _ = call.reply.send(answer);
         }
     }
 
@@ -548,6 +589,7 @@ impl Shard {
             yield_now().await;
             while let Some((mut batch, actions)) = self.take_batch() {
                 let id = batch.id;
+                let ops = batch.ops.len();
                 loop {
                     let refused = self.writer.borrow().try_submit(batch);
                     match refused {
@@ -560,7 +602,12 @@ impl Shard {
                         }
                     }
                 }
-                self.in_flight.borrow_mut().push_back((id, actions));
+                self.in_flight.borrow_mut().push_back(InFlightBatch {
+                    id,
+                    submitted: Instant::now(),
+                    ops,
+                    actions,
+                });
             }
         }
     }
@@ -568,19 +615,28 @@ impl Shard {
     /// Applies completions from the writer, in batch order. One task per shard.
     pub async fn run_completions(self: Rc<Self>, mut completions: UnboundedReceiver<Completion>) {
         while let Some(completion) = completions.next().await {
-            let (id, actions) = self
+            let batch = self
                 .in_flight
                 .borrow_mut()
                 .pop_front()
                 .expect("a completion without a batch in flight");
-            assert_eq!(id, completion.batch, "completions arrive in batch order");
+            assert_eq!(
+                batch.id, completion.batch,
+                "completions arrive in batch order"
+            );
             match completion.result {
                 Ok(()) => {
-                    for action in actions {
+                    self.metrics.commit(batch.submitted.elapsed(), batch.ops);
+                    ShardMetrics::set(&self.metrics.storage_failing, 0);
+                    for action in batch.actions {
                         self.after_commit(action);
                     }
                 }
-                Err(error) => self.commit_failed(completion.epoch, &error, actions),
+                Err(error) => {
+                    ShardMetrics::count(&self.metrics.commit_failures_total);
+                    ShardMetrics::set(&self.metrics.storage_failing, 1);
+                    self.commit_failed(completion.epoch, &error, batch.actions)
+                }
             }
             if self.in_flight.borrow().is_empty() {
                 self.commits_idle.notify();
@@ -646,6 +702,16 @@ impl Shard {
             if !self.cursor_dirty.borrow().is_empty() || !self.lazy_ops.borrow().is_empty() {
                 self.want_flush();
             }
+            let depth: usize = (0..self.shards)
+                .filter(|s| *s != self.id.0)
+                .map(|s| self.router.depth(ShardId(s)))
+                .sum();
+            ShardMetrics::set(&self.metrics.cross_shard_queue_depth, depth as u64);
+            ShardMetrics::set(
+                &self.metrics.pending_commits,
+                self.in_flight.borrow().len() as u64,
+            );
+            ShardMetrics::set(&self.metrics.owned_users, self.users.borrow().len() as u64);
         }
     }
 

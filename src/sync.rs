@@ -556,25 +556,33 @@ impl Shard {
         device: DeviceId,
         reply_id: Option<String>,
     ) {
-        let fail = |e: FrameError| self.to_conn_error(conn, e.with_id(reply_id.as_deref()));
-        let removed = self.with_user(&user, |state| match state.devices.get(&device) {
-            Some(d) if !d.linking => state.devices.remove(&device),
+        if let Err(e) = self.unlink_device(&user, &device) {
+            self.to_conn_error(conn, e.with_id(reply_id.as_deref()));
+        }
+    }
+
+    /// Unlinks a device: closes its connection (4003), forgets its cursor and dedupe window,
+    /// frees its slot and appends `device` `unlinked`.
+    pub(crate) fn unlink_device(&self, user: &UserId, device: &DeviceId) -> Result<(), FrameError> {
+        let removed = self.with_user(user, |state| match state.devices.get(device) {
+            Some(d) if !d.linking => state.devices.remove(device),
             _ => None,
         });
         let online = match removed {
             Ok(Some(d)) => d.online,
             Ok(None) => {
-                return fail(FrameError::new(
+                return Err(FrameError::new(
                     ErrorCode::BadId,
                     format!("{device} is not a linked device of {user}"),
                 ));
             }
-            Err(e) => return fail(Self::store_error_frame(&e)),
+            Err(e) => return Err(Self::store_error_frame(&e)),
         };
         self.cursor_dirty
             .borrow_mut()
             .remove(&(user.clone(), device.clone()));
         if let Some(online) = online {
+            self.device_offline();
             self.to_conn(
                 online,
                 ConnItem::Close {
@@ -592,9 +600,9 @@ impl Shard {
             op: "unlinked",
             device: device.as_str(),
         };
-        if let Err(e) = self.stage_event(&user, self.clock.now_ms(), &event, ops, Vec::new()) {
-            fail(Self::store_error_frame(&e));
-        }
+        self.stage_event(user, self.clock.now_ms(), &event, ops, Vec::new())
+            .map(|_| ())
+            .map_err(|e| Self::store_error_frame(&e))
     }
 
     // -----------------------------------------------------------------------------------------
