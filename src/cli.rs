@@ -1,15 +1,15 @@
-//! The command line: `courier serve` and its flags.
+//! The command line: `courier serve`, `courier config check`, `courier token`.
 //!
-//! Owns: flag names, defaults and environment fallbacks, and turning them into a `Config`.
-//! Must not start anything (main does, through `server`).
+//! Owns: flag names and turning flags into `Settings` (which the file and environment layers
+//! sit under). Must not start anything (main does, through `server`).
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
-use crate::config::{Config, Durability};
+use crate::config::Config;
+use crate::settings::Settings;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -26,130 +26,163 @@ pub struct Cli {
 pub enum Command {
     /// Run the server.
     Serve(ServeArgs),
+    /// Work with configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Print a client JWT signed with the configured secret.
+    Token(TokenArgs),
 }
 
-#[derive(ValueEnum, Clone, Copy, Debug)]
-pub enum DurabilityArg {
-    /// fsync every commit before `sent` (survives power loss).
-    Fsync,
-    /// No fsync per commit (survives a process crash; a power loss loses about a second).
-    ProcessCrash,
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// Validate a TOML file (with the environment on top) and print the effective settings.
+    Check { file: PathBuf },
 }
 
 #[derive(clap::Args, Debug)]
+pub struct TokenArgs {
+    #[arg(long)]
+    pub user: String,
+    #[arg(long)]
+    pub device: String,
+    /// Lifetime, e.g. 90s, 30m, 1h, 7d.
+    #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+    pub ttl: Duration,
+    /// Configuration file naming the secret (`auth_secret_file`); else COURIER_AUTH_SECRET or
+    /// --auth-secret-file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub auth_secret_file: Option<PathBuf>,
+}
+
+/// Every flag of `serve`; each one, when given, overrides the file and the environment.
+#[derive(clap::Args, Debug, Default)]
 pub struct ServeArgs {
-    /// Client WebSocket listener address (port 0 picks a free port).
-    #[arg(long, default_value = "127.0.0.1:7070", env = "COURIER_LISTEN")]
-    pub listen: SocketAddr,
-    /// Directory holding one LMDB environment per shard.
-    #[arg(long, default_value = "./data", env = "COURIER_DATA_DIR")]
-    pub data_dir: PathBuf,
+    /// TOML configuration file (every key: deploy/courier.example.toml).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Client WebSocket listener address (port 0 picks a free port). Default 127.0.0.1:7070.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Directory holding one LMDB environment per shard. Default ./data.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
     /// Number of shards (default: what the data dir was created with, else one per core).
-    #[arg(long, env = "COURIER_SHARDS")]
+    #[arg(long)]
     pub shards: Option<usize>,
     /// Development mode: accept `?user=&device=` without a token (loopback listeners only).
     #[arg(long)]
     pub dev: bool,
-    /// Admin listener for /metrics, /healthz, /readyz, /api and /dashboard ("off" disables it).
-    #[arg(long, env = "COURIER_ADMIN_LISTEN")]
+    /// Admin listener for /metrics, /healthz, /readyz, /api and /dashboard ("off" disables
+    /// it). Default 127.0.0.1:7071.
+    #[arg(long)]
     pub admin_listen: Option<String>,
     /// File holding the bearer token of the admin API (or COURIER_ADMIN_TOKEN).
-    #[arg(long, env = "COURIER_ADMIN_TOKEN_FILE")]
+    #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
-    /// File holding the HS256 secret for client JWTs.
-    #[arg(long, env = "COURIER_AUTH_SECRET_FILE")]
+    /// File holding the HS256 secret for client JWTs (or COURIER_AUTH_SECRET).
+    #[arg(long)]
     pub auth_secret_file: Option<PathBuf>,
+    /// fsync (default) or process-crash.
+    #[arg(long)]
+    pub durability: Option<String>,
+    /// human (default) or json.
+    #[arg(long)]
+    pub log_format: Option<String>,
+    /// http:// URL to POST offline-recipient notifications to.
+    #[arg(long)]
+    pub webhook_url: Option<String>,
     /// Age after which events are pruned, in seconds (default 30 days).
-    #[arg(long, env = "COURIER_RETENTION_SECS")]
+    #[arg(long)]
     pub retention_secs: Option<u64>,
     /// How often expired events are looked for, in milliseconds (default 60 s).
-    #[arg(long, env = "COURIER_PRUNE_INTERVAL_MS")]
+    #[arg(long)]
     pub prune_interval_ms: Option<u64>,
     /// How long the sender may edit a message, in seconds (default 15 min).
-    #[arg(long, env = "COURIER_EDIT_WINDOW_SECS")]
+    #[arg(long)]
     pub edit_window_secs: Option<u64>,
     /// How long the sender may delete a message for everyone, in seconds (default 48 h).
-    #[arg(long, env = "COURIER_DELETE_WINDOW_SECS")]
+    #[arg(long)]
     pub delete_window_secs: Option<u64>,
     /// Frames (other than acks) one connection may send per second; burst twice that.
-    #[arg(long, env = "COURIER_CLIENT_FRAMES_PER_SECOND")]
+    #[arg(long)]
     pub client_frames_per_second: Option<u32>,
     /// LMDB map size per shard in MiB (address space reserved; writes get `busy` when full).
-    #[arg(long, env = "COURIER_MAP_SIZE_MIB")]
+    #[arg(long)]
     pub map_size_mib: Option<usize>,
     /// Tests only: accept `{"t":"dev_clock","advance_ms":N}` to move the server clock forward.
     /// Requires --dev.
     #[arg(long, hide = true, requires = "dev")]
     pub dev_clock: bool,
-    /// Durability of acknowledged messages.
-    #[arg(long, value_enum, default_value = "fsync", env = "COURIER_DURABILITY")]
-    pub durability: DurabilityArg,
 }
 
 impl ServeArgs {
-    /// Builds the configuration; reads the secret file or `COURIER_AUTH_SECRET`.
+    /// The flags that were given, as a settings layer.
+    fn settings(&self) -> Settings {
+        Settings {
+            listen: self.listen.clone(),
+            data_dir: self.data_dir.clone(),
+            shards: self.shards,
+            dev: self.dev.then_some(true),
+            admin_listen: self.admin_listen.clone(),
+            admin_token_file: self.admin_token_file.clone(),
+            auth_secret_file: self.auth_secret_file.clone(),
+            durability: self.durability.clone(),
+            log_format: self.log_format.clone(),
+            webhook_url: self.webhook_url.clone(),
+            retention_secs: self.retention_secs,
+            prune_interval_ms: self.prune_interval_ms,
+            edit_window_secs: self.edit_window_secs,
+            delete_window_secs: self.delete_window_secs,
+            client_frames_per_second: self.client_frames_per_second,
+            map_size_mib: self.map_size_mib,
+            dev_clock: self.dev_clock.then_some(true),
+            ..Settings::default()
+        }
+    }
+
+    /// File < environment < flags.
     pub fn into_config(self) -> Result<Config, String> {
-        let mut config = Config::new(self.listen, self.data_dir);
-        config.shards = self.shards;
-        config.dev = self.dev;
-        config.dev_clock = self.dev_clock;
-        match self.admin_listen.as_deref() {
-            None => {}
-            Some("off") => config.admin_listen = None,
-            Some(addr) => {
-                config.admin_listen = Some(
-                    addr.parse()
-                        .map_err(|e| format!("--admin-listen {addr:?}: {e}"))?,
-                );
-                config.admin_listen_explicit = true;
-            }
-        }
-        config.admin_token = match self.admin_token_file {
-            Some(path) => Some(read_secret(&path)?),
-            None => std::env::var("COURIER_ADMIN_TOKEN")
-                .ok()
-                .filter(|s| !s.is_empty()),
+        let file = match &self.config {
+            Some(path) => Settings::from_file(path)?,
+            None => Settings::default(),
         };
-        if let Some(rate) = self.client_frames_per_second {
-            config.client_frames_per_second = rate.max(1);
-        }
-        if let Some(mib) = self.map_size_mib {
-            config.lmdb_map_bytes = mib.max(1) << 20;
-        }
-        if let Some(secs) = self.retention_secs {
-            config.retention = Duration::from_secs(secs);
-        }
-        if let Some(ms) = self.prune_interval_ms {
-            config.prune_interval = Duration::from_millis(ms.max(10));
-        }
-        if let Some(secs) = self.edit_window_secs {
-            config.edit_window = Duration::from_secs(secs);
-        }
-        if let Some(secs) = self.delete_window_secs {
-            config.delete_window = Duration::from_secs(secs);
-        }
-        config.durability = match self.durability {
-            DurabilityArg::Fsync => Durability::Fsync,
-            DurabilityArg::ProcessCrash => Durability::ProcessCrashSafe,
-        };
-        config.auth_secret = match self.auth_secret_file {
-            Some(path) => Some(read_secret(&path)?.into_bytes()),
-            None => std::env::var("COURIER_AUTH_SECRET")
-                .ok()
-                .filter(|s| !s.is_empty())
-                .map(String::into_bytes),
-        };
-        Ok(config)
+        let env = Settings::from_env(|var| std::env::var(var).ok())?;
+        file.overlay(env)
+            .overlay(self.settings())
+            .into_config(|var| std::env::var(var).ok())
     }
 }
 
-/// Reads a secret from a file, trimming surrounding white space; an empty file is an error.
-fn read_secret(path: &std::path::Path) -> Result<String, String> {
-    let secret = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let trimmed = secret.trim();
-    if trimmed.is_empty() {
-        return Err(format!("{} is empty", path.display()));
+/// Parses `90s`, `30m`, `1h`, `7d` (or plain seconds).
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, ""), |i| text.split_at(i));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 90s, 30m, 1h or 7d"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("unknown unit {unit:?} in {text:?} (s, m, h, d)")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttls_parse_with_units() {
+        assert_eq!(parse_ttl("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_ttl("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_ttl("15"), Ok(Duration::from_secs(15)));
+        assert!(parse_ttl("1w").is_err());
+        assert!(parse_ttl("h").is_err());
     }
-    Ok(trimmed.to_owned())
 }

@@ -2,7 +2,7 @@
 //!
 //! Owns: one `Config` struct holding every limit, with units in the names, and its defaults.
 //! Each bound's comment says what happens when it is reached. Must not parse command lines
-//! (that is `cli`) or read files.
+//! (that is `cli`) or read files (that is `settings`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,6 +17,13 @@ pub enum Durability {
     /// process is killed, but a power failure or kernel crash loses the last seconds.
     /// LMDB's NO_SYNC mode: the writer fsyncs once a second.
     ProcessCrashSafe,
+}
+
+/// How log lines are written (to stderr).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Human,
+    Json,
 }
 
 #[derive(Clone, Debug)]
@@ -40,6 +47,15 @@ pub struct Config {
     /// HS256 secret for JWTs; `None` means only dev credentials work.
     pub auth_secret: Option<Vec<u8>>,
     pub durability: Durability,
+    pub log_format: LogFormat,
+    /// Where to POST a notification when a message is committed for a user with no online
+    /// device (for mobile push); `None` turns the hook off.
+    pub webhook_url: Option<String>,
+    /// Notifications waiting to be posted. At the bound: new notifications are dropped (and
+    /// counted); delivery itself never waits for the webhook.
+    pub webhook_queue_max: usize,
+    /// Attempts per notification (exponential backoff from 100 ms); then it is dropped.
+    pub webhook_retries_max: u32,
 
     /// Largest WebSocket message or frame. At the bound: the connection is closed with 1009.
     pub max_frame_bytes: usize,
@@ -124,6 +140,10 @@ impl Config {
             admin_token: None,
             auth_secret: None,
             durability: Durability::Fsync,
+            log_format: LogFormat::Human,
+            webhook_url: None,
+            webhook_queue_max: 10_000,
+            webhook_retries_max: 5,
             max_frame_bytes: 64 * 1024,
             max_body_bytes: 16 * 1024,
             max_devices_per_user: 5,

@@ -19,6 +19,7 @@ pub mod protocol;
 mod rate;
 mod router;
 pub mod server;
+pub mod settings;
 mod shard;
 pub mod storage;
 mod sync;
