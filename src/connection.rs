@@ -192,10 +192,7 @@ async fn handshake(shard: &Shard, stream: TcpStream) -> Option<(Ws, Credentials)
             .headers()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        match shard
-            .auth
-            .authenticate(request.uri().query(), authorization)
-        {
+        match shard.verifier.verify(request.uri().query(), authorization) {
             Ok(c) => {
                 creds = Some(c);
                 Ok(response)
@@ -626,7 +623,16 @@ impl Session {
                 limit,
             } => {
                 let frame = match self.history(&chat, before, limit) {
-                    Ok(frame) => ConnItem::Frame(frame),
+                    Ok(Some(frame)) => ConnItem::Frame(frame),
+                    Ok(None) => ConnItem::Frame(
+                        FrameError::new(
+                            ErrorCode::UnknownMessage,
+                            "before names no message in your log",
+                        )
+                        .with_id(reply_id.as_deref())
+                        .with_msg(before.expect("only a before can be unknown"))
+                        .encode(),
+                    ),
                     Err(e) => ConnItem::Frame(
                         Shard::store_error_frame(&e)
                             .with_id(reply_id.as_deref())
@@ -683,15 +689,15 @@ impl Session {
 }
 
 impl Session {
-    /// A page of one chat from the caller's log, newest first: deleted messages are left out,
-    /// edited ones show their latest body. Served from the owner's store without a hop (the
+    /// A page of one chat from the caller's log, newest first in log order: deleted messages
+    /// are left out, edited ones show their latest body. `None`: `before` is not in the log. Served from the owner's store without a hop (the
     /// index and committed records are immutable or only grow).
     fn history(
         &self,
         chat: &ChatId,
         before: Option<MsgId>,
         limit: usize,
-    ) -> Result<Bytes, StoreError> {
+    ) -> Result<Option<Bytes>, StoreError> {
         let chat_name = match chat {
             ChatId::Direct(peer) => peer.as_str().to_owned(),
             ChatId::Group(group) => format!("g:{group}"),
@@ -699,7 +705,14 @@ impl Session {
         let user = &self.conn.user;
         let store = &self.shard.stores[self.shard.owner_of(user).0];
         let mut events = Vec::with_capacity(limit);
-        let mut cursor = before;
+        // Pages follow the log's order; `before` names a message, so start below its seq.
+        let mut cursor = match before {
+            None => None,
+            Some(msg) => match store.msg_index_get(user, msg)? {
+                Some(seq) => Some(seq),
+                None => return Ok(None),
+            },
+        };
         // Bounded: a run of deleted messages cannot make one request scan without end.
         for _ in 0..HISTORY_PAGES_MAX {
             let page = store.chat_page(user, &chat_name, cursor, limit)?;
@@ -724,9 +737,9 @@ impl Session {
             if events.len() == limit || page.len() < limit {
                 break;
             }
-            cursor = page.last().map(|(msg, _)| *msg);
+            cursor = page.last().map(|(_, seq)| *seq);
         }
-        Ok(encode_history(&chat_name, &events))
+        Ok(Some(encode_history(&chat_name, &events)))
     }
 }
 

@@ -365,6 +365,18 @@ impl Shard {
                 user: member.clone(),
                 events: vec![(seq, record)],
             });
+            if let GroupEvent::Msg { from, .. } = &append.event
+                && from != member
+                && !self.hooks.is_empty()
+            {
+                actions.push(AfterCommit::Committed {
+                    user: member.clone(),
+                    msg: append.id,
+                    chat: chat.clone(),
+                    from: from.clone(),
+                    ts_ms: append.ts_ms,
+                });
+            }
         }
         actions.push(AfterCommit::GroupAppended {
             group_shard: append.group_shard,

@@ -10,6 +10,7 @@ pub mod clock;
 pub mod config;
 mod connection;
 mod groups;
+pub mod hooks;
 pub mod ids;
 pub mod metrics;
 pub mod msgid;

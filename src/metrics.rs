@@ -412,7 +412,7 @@ mod tests {
         m.frame_in("send");
         m.frame_in("bogus");
         m.error(ErrorCode::Busy);
-        let text = render_prometheus(&[m.clone()], Duration::from_secs(3));
+        let text = render_prometheus(std::slice::from_ref(&m), Duration::from_secs(3));
         assert!(text.contains("courier_messages_total{shard=\"0\"} 1"));
         assert!(text.contains("courier_frames_in_total{shard=\"0\",type=\"send\"} 1"));
         assert!(text.contains("courier_frames_in_total{shard=\"0\",type=\"invalid\"} 1"));

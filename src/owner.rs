@@ -22,6 +22,7 @@ use std::collections::{BTreeMap, HashMap};
 use bytes::Bytes;
 
 use crate::admin::{AdminError, AdminRequest};
+use crate::hooks::MessageCommitted;
 use crate::ids::{ChatId, ClientMsgId, ConnRef, DeviceId, MsgId, Seq, ShardId, UserId};
 use crate::metrics::ShardMetrics;
 use crate::protocol::{
@@ -568,9 +569,9 @@ impl Shard {
             actions.push(AfterCommit::SendDone { msg });
         } else if recipient_owner == self.id {
             match self.stage_recipient_copy(&delivery, &recipient) {
-                Ok((mut more_ops, publish)) => {
+                Ok((mut more_ops, more_actions)) => {
                     ops.append(&mut more_ops);
-                    actions.push(publish);
+                    actions.extend(more_actions);
                     actions.push(AfterCommit::SendDone { msg });
                 }
                 Err(e) => {
@@ -663,7 +664,7 @@ impl Shard {
         &self,
         delivery: &Delivery,
         to: &UserId,
-    ) -> Result<(Vec<WriteOp>, AfterCommit), StoreError> {
+    ) -> Result<(Vec<WriteOp>, Vec<AfterCommit>), StoreError> {
         let seq = self.with_user(to, UserState::next_seq)?;
         let record = encode_event(
             seq,
@@ -698,7 +699,17 @@ impl Shard {
             user: to.clone(),
             events: vec![(seq, record)],
         };
-        Ok((ops, publish))
+        let mut actions = vec![publish];
+        if !self.hooks.is_empty() {
+            actions.push(AfterCommit::Committed {
+                user: to.clone(),
+                msg: delivery.msg,
+                chat: delivery.from.as_str().to_owned(),
+                from: delivery.from.clone(),
+                ts_ms: delivery.ts_ms,
+            });
+        }
+        Ok((ops, actions))
     }
 
     /// A delivery reaches the owner of its chat.
@@ -736,9 +747,10 @@ impl Shard {
             }
         }
         match self.stage_recipient_copy(&delivery, &to) {
-            Ok((ops, publish)) => {
+            Ok((ops, mut actions)) => {
                 self.delivering.borrow_mut().insert(key);
-                self.stage(ops, vec![publish, confirm]);
+                actions.push(confirm);
+                self.stage(ops, actions);
             }
             Err(e) => {
                 tracing::error!(error = %e, "delivery failed");
@@ -879,6 +891,9 @@ impl Shard {
                 });
                 if let Ok(Some((cursor, head, low))) = attached {
                     self.device_online();
+                    for hook in self.hooks.iter() {
+                        hook.device_linked(&user, &device);
+                    }
                     self.to_conn(conn, ConnItem::Attached { cursor, head, low });
                 }
             }
@@ -907,6 +922,32 @@ impl Shard {
                 members,
             } => self.group_appended(group_shard, id, members, true),
             AfterCommit::Route(shard, msg) => self.router.route(shard, *msg),
+            AfterCommit::Committed {
+                user,
+                msg,
+                chat,
+                from,
+                ts_ms,
+            } => {
+                let online_devices = self.users.borrow().get(&user).map_or(0, |state| {
+                    state
+                        .devices
+                        .values()
+                        .filter(|d| d.online.is_some())
+                        .count()
+                });
+                let event = MessageCommitted {
+                    user: &user,
+                    msg,
+                    chat: &chat,
+                    from: from.as_str(),
+                    ts_ms,
+                    online_devices,
+                };
+                for hook in self.hooks.iter() {
+                    hook.message_committed(&event);
+                }
+            }
             AfterCommit::GroupSendDone { msg, refused } => match refused {
                 None => self.finish_send(msg),
                 Some(code) => {
@@ -993,6 +1034,8 @@ impl Shard {
             } => self.group_appended(group_shard, id, members, false),
             // What was to be routed depended on the failed writes.
             AfterCommit::Route(..) => {}
+            // Nothing was committed: nothing to tell.
+            AfterCommit::Committed { .. } => {}
             // Every copy is stored but the dedupe entry is not: keep the send in flight and let
             // a retry fan it out again (member owners skip what they have).
             AfterCommit::GroupSendDone { msg, .. } => {

@@ -22,13 +22,15 @@ use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::admin::{AdminCall, AdminContext, AdminServer};
+use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::connection;
+use crate::hooks::{CredentialVerifier, Hooks, Webhook};
 use crate::ids::{MsgId, ShardId};
 use crate::metrics::ShardMetrics;
 use crate::msgid::MAX_SHARDS;
 use crate::router::{Router, ShardMsg};
-use crate::shard::{META_MAX_MSG_ID, Shard};
+use crate::shard::{Extensions, META_MAX_MSG_ID, Shard};
 use crate::storage::Store;
 
 /// glommio refuses to start below this soft RLIMIT_MEMLOCK (its io_uring buffers are locked).
@@ -68,9 +70,85 @@ pub struct Server {
     shards: Vec<ExecutorJoinHandle<()>>,
 }
 
-impl Server {
+/// Builds a server with an embedder's credential verifier and hooks (the gateway-tier API).
+///
+/// ```no_run
+/// use courier::config::Config;
+/// use courier::server::ServerBuilder;
+/// let config = Config::new("127.0.0.1:0".parse().unwrap(), "./data".into());
+/// let server = ServerBuilder::new(config).start().expect("start");
+/// println!("listening on {}", server.local_addr());
+/// server.shutdown();
+/// ```
+pub struct ServerBuilder {
+    config: Config,
+    verifier: Option<Arc<dyn CredentialVerifier>>,
+    hooks: Vec<Arc<dyn Hooks>>,
+}
+
+impl ServerBuilder {
+    pub fn new(config: Config) -> Self {
+        ServerBuilder {
+            config,
+            verifier: None,
+            hooks: Vec::new(),
+        }
+    }
+
+    /// Replaces the built-in JWT/dev credential check.
+    pub fn verifier(mut self, verifier: Arc<dyn CredentialVerifier>) -> Self {
+        self.verifier = Some(verifier);
+        self
+    }
+
+    /// Adds a hook (called on shard threads; must not block).
+    pub fn hook(mut self, hook: Arc<dyn Hooks>) -> Self {
+        self.hooks.push(hook);
+        self
+    }
+
     /// Checks the machine, binds, starts every shard, and returns once all of them accept.
-    pub fn start(mut config: Config) -> Result<Server, StartError> {
+    pub fn start(self) -> Result<Server, StartError> {
+        let ServerBuilder {
+            config,
+            verifier,
+            mut hooks,
+        } = self;
+        if verifier.is_none() {
+            check_auth(&config)?;
+        }
+        if let Some(url) = &config.webhook_url {
+            let webhook = Webhook::start(
+                url.clone(),
+                config.webhook_queue_max,
+                config.webhook_retries_max,
+            )
+            .map_err(|e| refuse(format!("cannot start the webhook thread: {e}")))?;
+            hooks.push(Arc::new(webhook));
+        }
+        let verifier = verifier.unwrap_or_else(|| {
+            Arc::new(Authenticator::new(
+                config.auth_secret.as_deref(),
+                config.dev,
+            ))
+        });
+        Server::start_with(
+            config,
+            Extensions {
+                verifier,
+                hooks: hooks.into(),
+            },
+        )
+    }
+}
+
+impl Server {
+    /// Starts a server with the built-in credential check (JWT, or dev credentials).
+    pub fn start(config: Config) -> Result<Server, StartError> {
+        ServerBuilder::new(config).start()
+    }
+
+    fn start_with(mut config: Config, extensions: Extensions) -> Result<Server, StartError> {
         check_dev_mode(&config)?;
         check_io_uring()?;
         check_memlock()?;
@@ -111,6 +189,7 @@ impl Server {
             let stores = stores.clone();
             let mesh = mesh.clone();
             let ready = ready_tx.clone();
+            let extensions = extensions.clone();
             let shard_io = ShardIo {
                 metrics: metrics[index].clone(),
                 admin: admin_receivers.remove(0),
@@ -122,7 +201,7 @@ impl Server {
                 .name(&format!("courier-shard-{index}"))
                 .io_memory(IO_MEMORY_BYTES)
                 .spawn(move || async move {
-                    run_shard(ShardId(index), config, stores, mesh, shard_io).await
+                    run_shard(ShardId(index), config, stores, mesh, shard_io, extensions).await
                 })
                 .map_err(|e| refuse(format!("cannot start shard {index}: {e}")))?;
             handles.push(handle);
@@ -188,6 +267,7 @@ async fn run_shard(
     stores: Arc<[Store]>,
     mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
     io: ShardIo,
+    extensions: Extensions,
 ) {
     let ShardIo {
         metrics,
@@ -198,7 +278,7 @@ async fn run_shard(
     } = io;
     // SAFETY: `listener` is a bound, listening TCP socket whose ownership was handed to us.
     let listener = unsafe { TcpListener::from_raw_fd(listener) };
-    let shard = match start_shard(id, config, stores, mesh, metrics).await {
+    let shard = match start_shard(id, config, stores, mesh, metrics, extensions).await {
         Ok(shard) => shard,
         Err(e) => {
             let _ = ready.send(Err(e));
@@ -254,6 +334,7 @@ async fn start_shard(
     stores: Arc<[Store]>,
     mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
     metrics: Arc<ShardMetrics>,
+    extensions: Extensions,
 ) -> Result<Rc<Shard>, String> {
     let (senders, mut receivers) = mesh
         .join()
@@ -283,6 +364,7 @@ async fn start_shard(
         writer,
         floor,
         metrics,
+        extensions,
     );
 
     glommio::spawn_local(shard.clone().run_flusher()).detach();
@@ -350,6 +432,11 @@ fn check_dev_mode(config: &Config) -> Result<(), StartError> {
             config.listen
         )));
     }
+    Ok(())
+}
+
+/// The built-in credential check needs a secret unless dev credentials are on.
+fn check_auth(config: &Config) -> Result<(), StartError> {
     if !config.dev && config.auth_secret.is_none() {
         return Err(refuse(
             "no auth secret: pass --auth-secret-file FILE or set COURIER_AUTH_SECRET (or use --dev on loopback)",

@@ -20,10 +20,10 @@ use futures_channel::mpsc::UnboundedReceiver;
 use futures_util::StreamExt;
 
 use crate::admin::AdminCall;
-use crate::auth::Authenticator;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::groups::{FanOut, FanOutProgress, GroupState};
+use crate::hooks::{CredentialVerifier, Hooks};
 use crate::ids::{
     ChatId, ClientMsgId, ConnId, ConnRef, DeviceId, GroupId, MsgId, Seq, ShardId, UserId,
     owner_shard,
@@ -76,6 +76,14 @@ pub enum AfterCommit {
         id: MsgId,
         members: Vec<UserId>,
     },
+    /// A recipient's copy of a message is durable: tell the embedder's hooks.
+    Committed {
+        user: UserId,
+        msg: MsgId,
+        chat: String,
+        from: UserId,
+        ts_ms: u64,
+    },
     /// Route a message once the batch is durable.
     Route(ShardId, Box<ShardMsg>),
     /// A group send is confirmed (or refused) and its dedupe entry is durable: answer waiters.
@@ -83,6 +91,13 @@ pub enum AfterCommit {
         msg: MsgId,
         refused: Option<ErrorCode>,
     },
+}
+
+/// What an embedder plugs into every shard.
+#[derive(Clone)]
+pub struct Extensions {
+    pub verifier: Arc<dyn CredentialVerifier>,
+    pub hooks: Arc<[Arc<dyn Hooks>]>,
 }
 
 /// A batch the writer has not completed yet.
@@ -196,7 +211,9 @@ pub struct Shard {
     pub router: Rc<Router>,
     pub metrics: Arc<ShardMetrics>,
     pub clock: Clock,
-    pub auth: Authenticator,
+    pub verifier: Arc<dyn CredentialVerifier>,
+    /// Embedder callbacks (the webhook among them); empty in most deployments.
+    pub hooks: Arc<[Arc<dyn Hooks>]>,
     pub minter: MsgIdMinter,
     pub(crate) minted: Cell<Option<MsgId>>,
 
@@ -241,12 +258,14 @@ impl Shard {
         writer: WriterHandle,
         minted_floor: Option<MsgId>,
         metrics: Arc<ShardMetrics>,
+        extensions: Extensions,
     ) -> Rc<Shard> {
         let shards = config.shard_count();
         Rc::new(Shard {
             id,
             shards,
-            auth: Authenticator::new(config.auth_secret.as_deref(), config.dev),
+            verifier: extensions.verifier,
+            hooks: extensions.hooks,
             config,
             stores,
             router,

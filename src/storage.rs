@@ -13,7 +13,8 @@
 //! - `dedupe`:       user \0 device \0 client id    → msg id (u64 BE) ++ ts ms (u64 BE)
 //! - `dedupe_order`: user \0 device \0 order(u64 BE)→ client id (oldest first, for the window)
 //! - `msg_index`:    user \0 msg id(u64 BE)         → seq (u64 BE) of that message in the log
-//! - `chat_index`:   user \0 chat \0 msg id(u64 BE)→ seq (u64 BE): one chat's messages, for history
+//! - `chat_index`:   user \0 chat \0 seq(u64 BE)   → msg id (u64 BE): a chat in log order
+//!   (not id order: ids minted on different shards interleave), for history
 //! - `msg_changes`:  user \0 msg id(u64 BE)         → 'd' (deleted) or 'e' ++ latest body (edited)
 //! - `watermarks`:   user \0 kind \0 chat          → u64 BE (receipt/read watermarks, acked max)
 //! - `groups`:       group id                       → membership record (JSON, see `groups`)
@@ -270,9 +271,9 @@ fn chat_prefix(user: &UserId, chat: &str) -> Vec<u8> {
     key
 }
 
-fn chat_index_key(user: &UserId, chat: &str, msg: MsgId) -> Vec<u8> {
+fn chat_index_key(user: &UserId, chat: &str, seq: Seq) -> Vec<u8> {
     let mut key = chat_prefix(user, chat);
-    key.extend_from_slice(&msg.0.to_be_bytes());
+    key.extend_from_slice(&seq.0.to_be_bytes());
     key
 }
 
@@ -548,8 +549,8 @@ impl Store {
                 } => {
                     t.chat_index.put(
                         &mut wtxn,
-                        &chat_index_key(user, chat, *msg),
-                        &seq.0.to_be_bytes(),
+                        &chat_index_key(user, chat, *seq),
+                        &msg.0.to_be_bytes(),
                     )?;
                 }
                 WriteOp::PutChange { user, msg, change } => {
@@ -658,18 +659,19 @@ impl Store {
         Ok(snapshot)
     }
 
-    /// One page of a chat's messages, newest first: (msg id, seq) with id < `before`.
+    /// One page of a chat's messages in log order, newest first: (msg id, seq) with seq below
+    /// `before`.
     pub fn chat_page(
         &self,
         user: &UserId,
         chat: &str,
-        before: Option<MsgId>,
+        before: Option<Seq>,
         limit: usize,
     ) -> Result<Vec<(MsgId, Seq)>, StoreError> {
         let rtxn = self.env.read_txn()?;
         let prefix = chat_prefix(user, chat);
         let start = prefix.clone();
-        let end = chat_index_key(user, chat, before.unwrap_or(MsgId(u64::MAX)));
+        let end = chat_index_key(user, chat, before.unwrap_or(Seq(u64::MAX)));
         let upper = if before.is_some() {
             Bound::Excluded(end.as_slice())
         } else {
@@ -682,7 +684,7 @@ impl Store {
             .rev_range(&rtxn, &(Bound::Included(start.as_slice()), upper))?
         {
             let (key, value) = entry?;
-            let (Some(msg), Some(seq)) = (be_u64(&key[prefix.len()..]), be_u64(value)) else {
+            let (Some(seq), Some(msg)) = (be_u64(&key[prefix.len()..]), be_u64(value)) else {
                 continue;
             };
             page.push((MsgId(msg), Seq(seq)));

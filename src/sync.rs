@@ -20,6 +20,8 @@ use crate::router::{ConnItem, ForeignEvent, ForeignKind, ShardMsg};
 use crate::shard::{AfterCommit, Shard};
 use crate::storage::{MsgChange, StoreError, WatermarkKind, WriteOp};
 
+/// How many of a chat's latest messages (log order) are looked at for its largest id.
+const NEWEST_SCAN: usize = 64;
 /// Most messages a group read mark looks at to find whom to send read receipts.
 const READ_SCAN_MAX: usize = 1000;
 /// Most users one retention pass looks at.
@@ -219,8 +221,10 @@ impl Shard {
             ChatId::Direct(peer) => peer.as_str().to_owned(),
             ChatId::Group(group) => format!("g:{group}"),
         };
-        let newest = match self.store().chat_page(&user, &chat_name, None, 1) {
-            Ok(page) => page.first().map(|(msg, _)| *msg),
+        // The largest id among the chat's latest messages: ids of different shards interleave
+        // by a few milliseconds at most, so the largest id is among the last few in log order.
+        let newest = match self.store().chat_page(&user, &chat_name, None, NEWEST_SCAN) {
+            Ok(page) => page.iter().map(|(msg, _)| *msg).max(),
             Err(e) => return fail(Self::store_error_frame(&e)),
         };
         if newest.is_none_or(|newest| up_to > newest) {
@@ -283,14 +287,9 @@ impl Shard {
     }
 
     /// The other members who sent messages to a group chat with ids in (`after`, `up_to`], from
-    /// the reader's chat index (at most `READ_SCAN_MAX` messages are looked at).
+    /// the reader's chat index (the latest `READ_SCAN_MAX` messages are looked at).
     fn group_senders(&self, user: &UserId, chat: &str, after: MsgId, up_to: MsgId) -> Vec<UserId> {
-        let page = match self.store().chat_page(
-            user,
-            chat,
-            Some(MsgId(up_to.0.saturating_add(1))),
-            READ_SCAN_MAX,
-        ) {
+        let page = match self.store().chat_page(user, chat, None, READ_SCAN_MAX) {
             Ok(page) => page,
             Err(e) => {
                 tracing::error!(%user, error = %e, "read receipt scan failed");
@@ -299,8 +298,8 @@ impl Shard {
         };
         let mut senders: Vec<UserId> = Vec::new();
         for (msg, seq) in page {
-            if msg <= after {
-                break;
+            if msg <= after || msg > up_to {
+                continue;
             }
             let Ok(Some(record)) = self.store().read_record(user, seq) else {
                 continue;
@@ -592,6 +591,9 @@ impl Shard {
             );
         }
         tracing::info!(%user, %device, "device unlinked");
+        for hook in self.hooks.iter() {
+            hook.device_unlinked(user, device);
+        }
         let ops = vec![WriteOp::UnlinkDevice {
             user: user.clone(),
             device: device.clone(),

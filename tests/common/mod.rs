@@ -40,6 +40,8 @@ pub struct ServerOpts {
     pub secret: Option<String>,
     /// `--dev` (default true).
     pub dev: bool,
+    /// Further flags passed as they are (e.g. `--dev-clock`, `--retention-secs 60`).
+    pub extra_args: Vec<String>,
 }
 
 impl Default for ServerOpts {
@@ -48,6 +50,7 @@ impl Default for ServerOpts {
             shards: None,
             secret: None,
             dev: true,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -64,6 +67,19 @@ impl ServerOpts {
             secret: Some(secret.to_string()),
             ..Default::default()
         }
+    }
+    /// Adds one flag (or flag value) to the command line.
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.extra_args.push(arg.into());
+        self
+    }
+    /// Adds `--flag value`.
+    pub fn flag(self, flag: &str, value: impl ToString) -> Self {
+        self.arg(flag).arg(value.to_string())
+    }
+    /// `--dev-clock`: the server accepts `{"t":"dev_clock","advance_ms":N}` (needs `--dev`).
+    pub fn dev_clock(self) -> Self {
+        self.arg("--dev-clock")
     }
 }
 
@@ -189,6 +205,7 @@ fn spawn_server(opts: &ServerOpts, data_dir: &Path, generation: u32) -> (Child, 
     if let Some(n) = opts.shards {
         cmd.arg("--shards").arg(n.to_string());
     }
+    cmd.args(&opts.extra_args);
     match &opts.secret {
         Some(secret) => {
             cmd.env("COURIER_AUTH_SECRET", secret);
@@ -302,7 +319,8 @@ pub struct Client {
     ws: WebSocket<TcpStream>,
     label: String,
     backlog: VecDeque<Value>,
-    /// Highest `seq` seen on this connection (hello's cursor until the first event).
+    /// Highest `seq` seen on this connection (hello's cursor until the first event; `low - 1`
+    /// when hello says `"gap":true`, since replay then starts at `low`).
     last_seq: Option<u64>,
     /// The hello frame, once read.
     hello: Option<Value>,
@@ -463,7 +481,20 @@ impl Client {
                     "[{}] a second hello: {value}",
                     self.label
                 );
-                self.last_seq = Some(cursor);
+                // With a gap (pruned events the device never acked) replay starts at `low`.
+                let mut last = cursor;
+                if value["gap"] == true {
+                    let low = value["low"].as_u64().unwrap_or_else(|| {
+                        panic!("[{}] hello with a gap but no u64 low: {value}", self.label)
+                    });
+                    assert!(
+                        cursor + 1 < low,
+                        "[{}] hello says gap but cursor + 1 >= low: {value}",
+                        self.label
+                    );
+                    last = low - 1;
+                }
+                self.last_seq = Some(last);
                 self.hello = Some(value.clone());
             }
             Some("ev") => {
@@ -792,6 +823,190 @@ impl Client {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Requests and state-sync helpers
+// ---------------------------------------------------------------------------------------------
+
+impl Client {
+    /// Dev-mode connection that has read its `hello`.
+    pub fn online(addr: SocketAddr, user: &str, device: &str) -> Client {
+        let mut c = Client::dev(addr, user, device);
+        c.hello();
+        c
+    }
+
+    /// Next `ev` (backlog first) matching `pred`.
+    pub fn next_ev(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        self.recv_until_described(what, move |v| v["t"] == "ev" && pred(v))
+    }
+
+    /// Next `ev` of `kind` (backlog first).
+    pub fn next_kind(&mut self, kind: &str) -> Value {
+        let k = kind.to_string();
+        self.next_ev(&format!("a {kind} event"), move |v| v["kind"] == k.as_str())
+    }
+
+    /// Waits for this device's own `linked` event; returns its seq.
+    pub fn own_linked_seq(&mut self) -> u64 {
+        let device = self
+            .hello_frame()
+            .map(|h| h["device"].as_str().unwrap_or("").to_string())
+            .expect("own_linked_seq before hello");
+        let ev = self.next_ev("own linked event", move |v| {
+            v["kind"] == "device" && v["op"] == "linked" && v["device"] == device.as_str()
+        });
+        seq_of(&ev)
+    }
+
+    /// Sends `frame` and returns the first answer of type `reply_t` or an `error` (backlog first).
+    /// When the frame has an `id`, only an error carrying that id counts.
+    pub fn request(&mut self, frame: Value, reply_t: &str) -> Value {
+        let id = frame["id"].as_str().map(str::to_string);
+        let reply_t = reply_t.to_string();
+        let what = format!("{reply_t} or error answering {frame}");
+        self.send_json(frame);
+        self.recv_until_described(&what, move |v| {
+            v["t"] == reply_t.as_str()
+                || (v["t"] == "error" && id.as_deref().is_none_or(|id| v["id"] == id))
+        })
+    }
+
+    /// Sends `frame` (which must carry an `id`) and waits for the `error` with that id; asserts
+    /// its code and returns it.
+    pub fn expect_error(&mut self, frame: Value, code: &str) -> Value {
+        let id = frame["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("expect_error needs a frame with an id: {frame}"))
+            .to_string();
+        let what = format!("error {code} for {frame}");
+        self.send_json(frame);
+        let err = self.recv_until_described(&what, |v| v["t"] == "error" && v["id"] == id.as_str());
+        assert_eq!(err["code"], code, "[{}] wrong error: {err}", self.label);
+        err
+    }
+
+    /// `devices` → the list.
+    pub fn devices(&mut self) -> Vec<Value> {
+        // The id keeps errors answering other frames (which carry no or other ids) apart.
+        let v = self.request(
+            serde_json::json!({"t": "devices", "id": "devices-request"}),
+            "devices",
+        );
+        assert_eq!(v["t"], "devices", "[{}] devices got {v}", self.label);
+        v["list"]
+            .as_array()
+            .unwrap_or_else(|| panic!("[{}] devices without a list: {v}", self.label))
+            .clone()
+    }
+
+    /// A round trip through the user's owner after everything this connection sent before it
+    /// (a `devices` request): frames sent earlier on this connection have been handled.
+    pub fn sync_point(&mut self) {
+        self.devices();
+    }
+
+    /// `dev_clock` (server started with `--dev-clock`): moves the server clock; returns `now`.
+    pub fn advance_clock(&mut self, ms: u64) -> u64 {
+        let v = self.request(
+            serde_json::json!({"t": "dev_clock", "id": "dev-clock-request", "advance_ms": ms}),
+            "dev_clock",
+        );
+        assert_eq!(v["t"], "dev_clock", "[{}] dev_clock got {v}", self.label);
+        u64_of(&v, "now")
+    }
+
+    /// `history` → the `msgs` of the page.
+    pub fn history(&mut self, chat: &str, before: Option<&str>, limit: Option<u64>) -> Vec<Value> {
+        let mut frame = serde_json::json!({"t": "history", "id": "history-request", "chat": chat});
+        if let Some(before) = before {
+            frame["before"] = before.into();
+        }
+        if let Some(limit) = limit {
+            frame["limit"] = limit.into();
+        }
+        let v = self.request(frame.clone(), "history");
+        assert_eq!(v["t"], "history", "[{}] {frame} got {v}", self.label);
+        assert_eq!(
+            v["chat"], chat,
+            "[{}] history of another chat: {v}",
+            self.label
+        );
+        v["msgs"]
+            .as_array()
+            .unwrap_or_else(|| panic!("[{}] history without msgs: {v}", self.label))
+            .clone()
+    }
+
+    /// Note-to-self round trip: sends a message to the own user and waits for its `msg` event
+    /// on this device; returns the event. Everything the log had before it was delivered first.
+    pub fn note_to_self(&mut self, id: &str) -> Value {
+        let user = self
+            .hello_frame()
+            .map(|h| h["user"].as_str().unwrap_or("").to_string())
+            .expect("note_to_self before hello");
+        let sent = self.send_and_wait(id, &user, id);
+        let msg = sent["msg"].clone();
+        self.next_ev(&format!("own note {id}"), move |v| {
+            v["kind"] == "msg" && v["msg"] == msg
+        })
+    }
+
+    /// Every frame buffered so far (not consumed), then clears the backlog.
+    pub fn drain_backlog(&mut self) -> Vec<Value> {
+        self.backlog.drain(..).collect()
+    }
+}
+
+/// A short, comparable description of a log event (without seq, ts and chat), e.g.
+/// `msg 1784.. alice hi`, `receipt delivered bob 1784..`, `group added [carol] by alice`.
+pub fn token(v: &Value) -> String {
+    let s = |f: &str| v[f].as_str().unwrap_or("?").to_string();
+    match v["kind"].as_str().unwrap_or("?") {
+        "msg" => format!("msg {} {} {}", s("msg"), s("from"), s("body")),
+        "receipt" => format!("receipt {} {} {}", s("status"), s("by"), s("up_to")),
+        "read" => format!("read {}", s("up_to")),
+        "edit" => format!("edit {} {}", s("msg"), s("body")),
+        "delete" => format!("delete {} {}", s("msg"), s("scope")),
+        "group" => {
+            let members: Vec<&str> = v["members"]
+                .as_array()
+                .map(|a| a.iter().map(|m| m.as_str().unwrap_or("?")).collect())
+                .unwrap_or_default();
+            format!("group {} [{}] by {}", s("op"), members.join(","), s("by"))
+        }
+        "device" => format!("device {} {}", s("op"), s("device")),
+        other => format!("{other} {v}"),
+    }
+}
+
+/// The message id as a number (ids compare numerically).
+pub fn msg_num(v: &Value, field: &str) -> u64 {
+    str_of(v, field)
+        .parse()
+        .unwrap_or_else(|_| panic!("{field} is not a decimal u64 in {v}"))
+}
+
+/// Raises this process's open-file soft limit to its hard limit (children inherit it), for tests
+/// holding many sockets. Returns the new soft limit.
+pub fn raise_fd_limit() -> libc::rlim_t {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            let _ = libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        }
+    }
+    limit.rlim_cur
 }
 
 /// A masked client frame with FIN set.
