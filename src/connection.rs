@@ -80,11 +80,16 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
     let peer = stream.peer_addr().ok();
-    if let Some(asset) = Box::pin(static_asset(&shard, &stream)).await {
-        Box::pin(serve_asset(stream, asset)).await;
-        return;
+    let accepted = Instant::now();
+    match Box::pin(plain_http(&shard, &stream)).await {
+        Err(()) => return,
+        Ok(Some(answer)) => {
+            Box::pin(serve_asset(stream, answer)).await;
+            return;
+        }
+        Ok(None) => {}
     }
-    let Some((ws, creds)) = Box::pin(handshake(&shard, stream)).await else {
+    let Some((ws, creds)) = Box::pin(handshake(&shard, stream, accepted)).await else {
         return;
     };
     ShardMetrics::count(&shard.metrics.handshakes_total);
@@ -123,32 +128,51 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
 /// Longest request head read for a static file.
 const STATIC_REQUEST_MAX_BYTES: usize = 8192;
 
-/// Whether the connection asks for one of the embedded files (a plain `GET`, not the WebSocket
-/// endpoint). Peeks at the first bytes without consuming them, so the WebSocket handshake sees
-/// the request intact otherwise.
-async fn static_asset(
-    shard: &Shard,
-    stream: &TcpStream,
-) -> Option<&'static (&'static str, &'static str, &'static str)> {
-    if crate::web::CLIENT_ASSETS.is_empty() {
-        return None;
-    }
+/// An answer to a plain HTTP request: (status line, content type, body).
+type PlainAnswer = (&'static str, &'static str, &'static str);
+
+const NOT_FOUND: PlainAnswer = (
+    "404 Not Found",
+    "text/plain",
+    "not found: the WebSocket endpoint is /v1/ws\n",
+);
+
+/// Answers GET requests that are not for the WebSocket endpoint: an embedded file, or 404.
+/// Peeks at the request line without consuming it, so the WebSocket handshake sees the request
+/// intact otherwise.
+/// `Err`: nothing arrived within the handshake timeout (or the socket failed): drop it.
+async fn plain_http(shard: &Shard, stream: &TcpStream) -> Result<Option<PlainAnswer>, ()> {
     let mut head = [0u8; 256];
     let peeked = with_timeout(shard.config.handshake_timeout, stream.peek(&mut head))
-        .await?
-        .ok()?;
-    let line = head[..peeked].strip_prefix(b"GET ")?;
-    let end = line.iter().position(|b| *b == b' ' || *b == b'?')?;
-    let path = std::str::from_utf8(&line[..end]).ok()?;
-    crate::web::CLIENT_ASSETS
-        .iter()
-        .find(|(p, _, _)| *p == path)
+        .await
+        .ok_or(())?
+        .map_err(|_| ())?;
+    Ok(route_plain(&head[..peeked]))
 }
 
-/// Answers a static file request and closes the connection.
-async fn serve_asset(mut stream: TcpStream, asset: &(&str, &str, &str)) {
+/// Which plain answer a request line asks for; `None` for the WebSocket endpoint (or anything
+/// that is not a GET, which the WebSocket handshake then refuses).
+fn route_plain(head: &[u8]) -> Option<PlainAnswer> {
+    let line = head.strip_prefix(b"GET ")?;
+    let end = line.iter().position(|b| *b == b' ' || *b == b'?')?;
+    let path = std::str::from_utf8(&line[..end]).ok()?;
+    if path == "/v1/ws" {
+        return None;
+    }
+    Some(
+        crate::web::CLIENT_ASSETS
+            .iter()
+            .find(|(p, _, _)| *p == path)
+            .map_or(NOT_FOUND, |(_, content_type, body)| {
+                ("200 OK", *content_type, *body)
+            }),
+    )
+}
+
+/// Answers a plain HTTP request and closes the connection.
+async fn serve_asset(mut stream: TcpStream, answer: PlainAnswer) {
     use futures_util::AsyncWriteExt;
-    let (_, content_type, body) = asset;
+    let (status, content_type, body) = answer;
     // Consume the request head (bounded) so closing does not reset the connection.
     let mut head = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
@@ -165,7 +189,7 @@ async fn serve_asset(mut stream: TcpStream, asset: &(&str, &str, &str)) {
         return;
     }
     let response = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n",
         body.len()
     );
     let write = async {
@@ -177,7 +201,13 @@ async fn serve_asset(mut stream: TcpStream, asset: &(&str, &str, &str)) {
 }
 
 /// Upgrades the connection, checking credentials inside the handshake (401 before upgrade).
-async fn handshake(shard: &Shard, stream: TcpStream) -> Option<(Ws, Credentials)> {
+/// The whole upgrade, peek included, must finish within `handshake_timeout` of `accepted`
+/// (a slowloris client trickling its headers is cut off there).
+async fn handshake(
+    shard: &Shard,
+    stream: TcpStream,
+    accepted: Instant,
+) -> Option<(Ws, Credentials)> {
     let mut creds = None;
     // The error type is tungstenite's (an HTTP response); its size is not ours to choose.
     #[allow(clippy::result_large_err)]
@@ -211,7 +241,9 @@ async fn handshake(shard: &Shard, stream: TcpStream) -> Option<(Ws, Credentials)
         .max_message_size(Some(shard.config.max_frame_bytes))
         .max_frame_size(Some(shard.config.max_frame_bytes));
     let upgrade = async_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config));
-    match with_timeout(shard.config.handshake_timeout, upgrade).await {
+    let left =
+        (accepted + shard.config.handshake_timeout).saturating_duration_since(Instant::now());
+    match with_timeout(left, upgrade).await {
         Some(Ok(ws)) => creds.map(|c| (ws, c)),
         Some(Err(e)) => {
             tracing::debug!(error = %e, "handshake failed");
