@@ -114,6 +114,12 @@ pub struct Config {
     /// Most log events one ack examines for delivered receipts; events beyond are examined by
     /// the device's next ack.
     pub receipt_scan_max_events: usize,
+    /// Users whose state a shard keeps in memory. Above it, users with no online device are
+    /// evicted (their state is on disk and reloads on next touch) when the shard has no commit
+    /// in flight; users with online devices stay (they are bounded by connections).
+    pub owned_users_max: usize,
+    /// Groups whose membership a shard keeps in memory; above it, they are evicted likewise.
+    pub owned_groups_max: usize,
     /// Accept the `dev_clock` frame that moves the server clock (tests only; needs `dev`).
     pub dev_clock: bool,
     /// LMDB map size per shard: address space reserved, not memory used. At the bound: writes
@@ -167,6 +173,8 @@ impl Config {
             typing_per_second: 5,
             client_frames_per_second: 5000,
             receipt_scan_max_events: 10_000,
+            owned_users_max: 1_000_000,
+            owned_groups_max: 100_000,
             dev_clock: false,
             lmdb_map_bytes: 64 << 30,
         }

@@ -93,6 +93,8 @@ settings! {
     client_frames_per_second: u32,
     receipt_scan_max_events: usize,
     map_size_mib: usize,
+    owned_users_max: usize,
+    owned_groups_max: usize,
     dev_clock: bool,
 }
 
@@ -214,6 +216,8 @@ impl Settings {
         set!(typing_per_second);
         set!(client_frames_per_second);
         set!(receipt_scan_max_events);
+        set!(owned_users_max);
+        set!(owned_groups_max);
         set!(map_size_mib => lmdb_map_bytes, |mib: usize| mib << 20);
         if c.max_body_bytes > c.max_frame_bytes {
             return Err("max_body_bytes cannot exceed max_frame_bytes".into());
@@ -289,6 +293,8 @@ impl Settings {
             client_frames_per_second: Some(config.client_frames_per_second),
             receipt_scan_max_events: Some(config.receipt_scan_max_events),
             map_size_mib: Some(config.lmdb_map_bytes >> 20),
+            owned_users_max: Some(config.owned_users_max),
+            owned_groups_max: Some(config.owned_groups_max),
             dev_clock: Some(config.dev_clock),
         }
     }

@@ -730,7 +730,54 @@ impl Shard {
                 &self.metrics.pending_commits,
                 self.in_flight.borrow().len() as u64,
             );
+            self.evict_idle_state();
             ShardMetrics::set(&self.metrics.owned_users, self.users.borrow().len() as u64);
+        }
+    }
+
+    /// Keeps the in-memory user and group maps under their bounds. Runs only when nothing is
+    /// staged or in flight, so everything evicted is exactly what the disk holds; users with an
+    /// online device are kept. Evicts down to 90% of the bound.
+    fn evict_idle_state(&self) {
+        let over_users = self.users.borrow().len() > self.config.owned_users_max;
+        let over_groups = self.groups.borrow().len() > self.config.owned_groups_max;
+        if !(over_users || over_groups)
+            || self.commits_pending()
+            || !self.cursor_dirty.borrow().is_empty()
+            || !self.lazy_ops.borrow().is_empty()
+            || !self.delivering.borrow().is_empty()
+        {
+            return;
+        }
+        if over_users {
+            let target = self.config.owned_users_max / 10 * 9;
+            let mut users = self.users.borrow_mut();
+            let inflight = self.inflight_by_msg.borrow();
+            let busy: HashSet<&UserId> = inflight.values().map(|entry| &entry.user).collect();
+            let idle: Vec<UserId> = users
+                .iter()
+                .filter(|(user, state)| {
+                    state
+                        .devices
+                        .values()
+                        .all(|d| d.online.is_none() && !d.linking)
+                        && state.head == state.committed
+                        && !busy.contains(user)
+                })
+                .map(|(user, _)| user.clone())
+                .take(users.len().saturating_sub(target))
+                .collect();
+            for user in &idle {
+                users.remove(user);
+            }
+            tracing::debug!(
+                shard = self.id.0,
+                evicted = idle.len(),
+                "evicted idle users"
+            );
+        }
+        if over_groups {
+            self.groups.borrow_mut().clear();
         }
     }
 
