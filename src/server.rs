@@ -43,6 +43,8 @@ const LISTEN_BACKLOG: i32 = 4096;
 const SHUTDOWN_CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// How long shutdown waits for staged commits to reach the disk.
 const SHUTDOWN_COMMIT_WAIT: Duration = Duration::from_secs(10);
+/// Longest a shard sleeps without looking at wake-ups from other threads.
+const HEARTBEAT: Duration = Duration::from_millis(10);
 /// File in the data dir recording the layout the data was written with.
 const LAYOUT_FILE: &str = "courier-layout.json";
 
@@ -278,6 +280,15 @@ async fn run_shard(
     } = io;
     // SAFETY: `listener` is a bound, listening TCP socket whose ownership was handed to us.
     let listener = unsafe { TcpListener::from_raw_fd(listener) };
+    // A wake-up from another thread that lands while this executor goes to sleep can wait
+    // until the next event (seen as a start-up that never finished joining the mesh under
+    // load). A short heartbeat bounds that wait; it costs ~100 wake-ups a second.
+    glommio::spawn_local(async {
+        loop {
+            glommio::timer::sleep(HEARTBEAT).await;
+        }
+    })
+    .detach();
     let shard = match start_shard(id, config, stores, mesh, metrics, extensions).await {
         Ok(shard) => shard,
         Err(e) => {
@@ -340,6 +351,8 @@ async fn start_shard(
         .join()
         .await
         .map_err(|_| format!("shard {} could not join the mesh", id.0))?;
+    // The mesh orders peers by executor id, which follows spawn order: peer i is shard i.
+    assert_eq!(senders.peer_id(), id.0, "mesh peer order differs from shard order");
     let store = &stores[id.0];
     let floor = store
         .meta_get(META_MAX_MSG_ID)
