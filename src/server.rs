@@ -352,7 +352,11 @@ async fn start_shard(
         .await
         .map_err(|_| format!("shard {} could not join the mesh", id.0))?;
     // The mesh orders peers by executor id, which follows spawn order: peer i is shard i.
-    assert_eq!(senders.peer_id(), id.0, "mesh peer order differs from shard order");
+    assert_eq!(
+        senders.peer_id(),
+        id.0,
+        "mesh peer order differs from shard order"
+    );
     let store = &stores[id.0];
     let floor = store
         .meta_get(META_MAX_MSG_ID)
