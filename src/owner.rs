@@ -17,7 +17,7 @@
 //!    confirms to OA; OA answers `sent` and forgets the pending record. A crash between 1 and 3
 //!    leaves the pending record, which OA re-drives at start-up.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use bytes::Bytes;
 
@@ -45,6 +45,66 @@ pub struct DeviceState {
     pub dedupe_order: Option<u64>,
 }
 
+/// A user's linked devices, sorted by id. A sorted `Vec` rather than a map: there are at most
+/// `max_devices_per_user` (5 by default), and a B-tree node would cost ~0.7 KiB per user.
+#[derive(Debug, Default)]
+pub struct Devices(Vec<(DeviceId, DeviceState)>);
+
+impl Devices {
+    fn position(&self, device: &DeviceId) -> Result<usize, usize> {
+        self.0.binary_search_by(|(d, _)| d.cmp(device))
+    }
+
+    pub fn get(&self, device: &DeviceId) -> Option<&DeviceState> {
+        self.position(device).ok().map(|i| &self.0[i].1)
+    }
+
+    pub fn get_mut(&mut self, device: &DeviceId) -> Option<&mut DeviceState> {
+        self.position(device).ok().map(|i| &mut self.0[i].1)
+    }
+
+    pub fn insert(&mut self, device: DeviceId, state: DeviceState) {
+        match self.position(&device) {
+            Ok(i) => self.0[i].1 = state,
+            Err(i) => self.0.insert(i, (device, state)),
+        }
+    }
+
+    pub fn remove(&mut self, device: &DeviceId) -> Option<DeviceState> {
+        self.position(device).ok().map(|i| self.0.remove(i).1)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&DeviceId, &DeviceState)> {
+        self.0.iter().map(|(d, s)| (d, s))
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &DeviceState> {
+        self.0.iter().map(|(_, s)| s)
+    }
+
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut DeviceState> {
+        self.0.iter_mut().map(|(_, s)| s)
+    }
+
+    pub fn retain(&mut self, mut keep: impl FnMut(&DeviceId, &mut DeviceState) -> bool) {
+        self.0.retain_mut(|(d, s)| keep(d, s));
+    }
+}
+
+impl FromIterator<(DeviceId, DeviceState)> for Devices {
+    fn from_iter<I: IntoIterator<Item = (DeviceId, DeviceState)>>(iter: I) -> Self {
+        let mut list: Vec<_> = iter.into_iter().collect();
+        list.sort_by(|a, b| a.0.cmp(&b.0));
+        list.dedup_by(|a, b| a.0 == b.0);
+        list.shrink_to_fit();
+        Devices(list)
+    }
+}
+
 /// An owned user's in-memory state, loaded from the store on first touch.
 #[derive(Debug)]
 pub struct UserState {
@@ -55,7 +115,7 @@ pub struct UserState {
     /// Oldest seq still stored.
     pub low: Seq,
     /// Linked devices, bounded by `max_devices_per_user`.
-    pub devices: BTreeMap<DeviceId, DeviceState>,
+    pub devices: Devices,
     /// Receipt and read watermarks per (kind, chat); one entry per chat the user has marked or
     /// been sent receipts in.
     pub watermarks: HashMap<(WatermarkKind, String), u64>,
