@@ -611,6 +611,11 @@
     }
     const op = f.id ? S.ops.get(f.id) : null;
     if (f.id) S.ops.delete(f.id);
+    if (op && op.startsWith('History of ')) {
+      const chat = S.chats.get(op.slice('History of '.length));
+      if (chat) chat.loadingOlder = false;
+      render();
+    }
     if (op === 'typing') return; // typing is best effort
     if (op && op.startsWith('read ') && f.code === 'rate_limited') {
       S.readSent = new Map(); // the mark will be sent again on the next render
@@ -705,6 +710,14 @@
     $('composer-input').value = chat.draft || '';
     S.justOpened = true; // scroll to the newest message and focus the composer
     render();
+  }
+
+  // Messages show in log order (the order every device of the user saw them): ids minted on
+  // different shards can interleave by a few milliseconds. Every message carries its seq, also
+  // those from `history`; the id only breaks ties for the unexpected.
+  function logOrder(a, b) {
+    if (typeof a.seq === 'number' && typeof b.seq === 'number' && a.seq !== b.seq) return a.seq - b.seq;
+    return cmpId(a.msg, b.msg);
   }
 
   function newestFromOthers(chat) {
@@ -852,7 +865,7 @@
 
   function lastVisible(chat) {
     let last = null;
-    for (const m of chat.msgs.values()) if (!m.hidden && (!last || cmpId(m.msg, last.msg) > 0)) last = m;
+    for (const m of chat.msgs.values()) if (!m.hidden && (!last || logOrder(m, last) > 0)) last = m;
     return last;
   }
 
@@ -953,7 +966,7 @@
 
     const box = $('messages');
     const atBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 40;
-    const msgs = [...chat.msgs.values()].filter((m) => !m.hidden).sort((a, b) => cmpId(a.msg, b.msg));
+    const msgs = [...chat.msgs.values()].filter((m) => !m.hidden).sort(logOrder);
     const items = msgs.map((m) => renderMessage(chat, m));
     for (const p of pendingFor(chat.id)) {
       if (p.msg && chat.msgs.has(p.msg)) continue;
@@ -1244,10 +1257,13 @@
     $('load-older').addEventListener('click', () => {
       const chat = S.openChat && S.chats.get(S.openChat);
       if (!chat) return;
-      let oldest = '';
-      for (const m of chat.msgs.values()) if (!oldest || cmpId(m.msg, oldest) < 0) oldest = m.msg;
+      // `before` must name a message still in this user's log: the oldest one shown.
+      let oldest = null;
+      for (const m of chat.msgs.values()) {
+        if (!m.hidden && !m.deleted && (!oldest || logOrder(m, oldest) < 0)) oldest = m;
+      }
       const frame = { t: 'history', chat: chat.id, limit: 50 };
-      if (oldest) frame.before = oldest;
+      if (oldest) frame.before = oldest.msg;
       chat.loadingOlder = true;
       sendOp(frame, `History of ${chat.id}`);
       render();
