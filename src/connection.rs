@@ -371,13 +371,9 @@ impl Session {
             match waited {
                 None => return Some(End::Close(1011, "no answer from the user's shard".into())),
                 Some(ConnItem::Attached { cursor, head, low }) => break (cursor, head, low),
-                Some(ConnItem::Refused {
-                    code,
-                    reason,
-                    close_code,
-                }) => {
+                Some(ConnItem::Refused { error, close_code }) => {
                     self.attached = false;
-                    let error = FrameError::new(code, reason.clone());
+                    let reason = error.reason.clone();
                     if self.write_frame(error.encode()).await.is_err() {
                         return Some(End::Gone);
                     }
@@ -448,10 +444,8 @@ impl Session {
                     .feed(Message::Ping(Bytes::new()))
                     .await
                     .map_err(|_| ()),
-                ConnItem::Refused {
-                    close_code, reason, ..
-                } => {
-                    return Some(End::Close(close_code, reason));
+                ConnItem::Refused { close_code, error } => {
+                    return Some(End::Close(close_code, error.reason));
                 }
                 ConnItem::Attached { .. } => Ok(()),
             };

@@ -270,8 +270,8 @@ impl Shard {
             self.to_conn(
                 conn,
                 ConnItem::Refused {
-                    code: ErrorCode::Busy,
-                    reason: "server shutting down".into(),
+                    error: FrameError::new(ErrorCode::Busy, "server shutting down")
+                        .with_retry(1000),
                     close_code: 1001,
                 },
             );
@@ -283,8 +283,11 @@ impl Shard {
             if let Some(d) = state.devices.get_mut(&device) {
                 if d.linking {
                     return Attach::Refused(
-                        "this device is being linked by another connection".into(),
-                        ErrorCode::Busy,
+                        FrameError::new(
+                            ErrorCode::Busy,
+                            "this device is being linked by another connection",
+                        )
+                        .with_retry(100),
                         1013,
                     );
                 }
@@ -299,8 +302,10 @@ impl Shard {
             }
             if state.devices.len() >= max_devices {
                 return Attach::Refused(
-                    format!("this user already has {max_devices} devices"),
-                    ErrorCode::DeviceLimit,
+                    FrameError::new(
+                        ErrorCode::DeviceLimit,
+                        format!("this user already has {max_devices} devices"),
+                    ),
                     4003,
                 );
             }
@@ -328,19 +333,13 @@ impl Shard {
             Err(e) => self.to_conn(
                 conn,
                 ConnItem::Refused {
-                    code: ErrorCode::Internal,
-                    reason: format!("storage error: {e}"),
+                    error: Self::store_error_frame(&e),
                     close_code: 1011,
                 },
             ),
-            Ok(Attach::Refused(reason, code, close_code)) => self.to_conn(
-                conn,
-                ConnItem::Refused {
-                    code,
-                    reason,
-                    close_code,
-                },
-            ),
+            Ok(Attach::Refused(error, close_code)) => {
+                self.to_conn(conn, ConnItem::Refused { error, close_code })
+            }
             Ok(Attach::Known {
                 cursor,
                 head,
@@ -1041,12 +1040,10 @@ impl Shard {
                         state.devices.remove(&device);
                     }
                 });
-                let frame = Self::store_error_frame(error);
                 self.to_conn(
                     conn,
                     ConnItem::Refused {
-                        code: frame.code,
-                        reason: frame.reason,
+                        error: Self::store_error_frame(error),
                         close_code: 1011,
                     },
                 );
@@ -1237,7 +1234,8 @@ enum Attach {
         seq: Seq,
         record: Bytes,
     },
-    Refused(String, ErrorCode, u16),
+    /// The error to send and the close code to close with.
+    Refused(FrameError, u16),
 }
 
 /// Encodes a delivery (and the sender's client id) for the `pending` table.

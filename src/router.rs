@@ -26,7 +26,7 @@ use crate::ids::{
     ChatId, ClientMsgId, ConnId, ConnRef, DeviceId, GroupId, MsgId, Seq, ShardId, UserId,
 };
 use crate::notify::Notify;
-use crate::protocol::{DeleteScope, ErrorCode, GroupOp};
+use crate::protocol::{DeleteScope, ErrorCode, FrameError, GroupOp};
 
 /// A message between shards (or from a shard to itself).
 #[derive(Debug)]
@@ -191,12 +191,8 @@ pub enum ForeignKind {
 pub enum ConnItem {
     /// The owner registered this device; replay `(cursor, head]` from the log, then go live.
     Attached { cursor: Seq, head: Seq, low: Seq },
-    /// The owner refused the device: send `error` with `code`, then close with `close_code`.
-    Refused {
-        code: ErrorCode,
-        reason: String,
-        close_code: u16,
-    },
+    /// The owner refused the device: send `error`, then close with `close_code`.
+    Refused { error: FrameError, close_code: u16 },
     /// A committed event of the connection's user.
     Event { seq: Seq, record: Bytes },
     /// Any other frame (`sent`, `error`, `devices`, ...).

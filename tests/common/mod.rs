@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
@@ -83,12 +83,19 @@ impl ServerOpts {
     }
 }
 
+/// Most recent output lines of the server (stdout and stderr, every generation) kept for tests.
+const LOG_LINES_KEPT: usize = 20_000;
+
 /// A `courier serve` child process on a temporary data dir. Drop kills it.
 pub struct Server {
     opts: ServerOpts,
     data_dir: tempfile::TempDir,
     child: Option<Child>,
     addr: SocketAddr,
+    /// The admin listener's address, when `--admin-listen` was passed (changes on restart).
+    admin: Option<SocketAddr>,
+    /// The server's recent output lines (stdout and stderr, all generations).
+    log: Arc<Mutex<VecDeque<String>>>,
     /// Number of times a child was started (for log prefixes).
     generation: u32,
 }
@@ -100,14 +107,52 @@ impl Server {
             .prefix("courier-test-")
             .tempdir()
             .expect("create temp data dir");
-        let (child, addr) = spawn_server(&opts, data_dir.path(), 0);
+        let log = Arc::new(Mutex::new(VecDeque::new()));
+        let (child, addr, admin) = spawn_server(&opts, data_dir.path(), 0, &log);
         Server {
             opts,
             data_dir,
             child: Some(child),
             addr,
+            admin,
+            log,
             generation: 0,
         }
+    }
+
+    /// The admin listener's address; panics unless the server was started with
+    /// `--admin-listen` (e.g. `127.0.0.1:0`).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .expect("the server was started without --admin-listen")
+    }
+
+    /// Whether any output line of the server so far (stdout or stderr) contains `needle`.
+    pub fn log_contains(&self, needle: &str) -> bool {
+        self.log
+            .lock()
+            .expect("server log lock")
+            .iter()
+            .any(|line| line.contains(needle))
+    }
+
+    /// A value from the child's `/proc/<pid>/status` in KiB (e.g. `VmRSS`, `RssAnon`, `VmHWM`).
+    pub fn proc_status_kib(&self, field: &str) -> u64 {
+        let pid = self.pid().expect("the server is not running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
+        status
+            .lines()
+            .find_map(|line| {
+                let rest = line.strip_prefix(field)?.strip_prefix(':')?;
+                rest.trim().trim_end_matches("kB").trim().parse().ok()
+            })
+            .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+    }
+
+    /// The server's resident set size in KiB (`VmRSS`).
+    pub fn rss_kib(&self) -> u64 {
+        self.proc_status_kib("VmRSS")
     }
 
     /// The address clients connect to (changes on restart).
@@ -172,9 +217,20 @@ impl Server {
             self.stop();
         }
         self.generation += 1;
-        let (child, addr) = spawn_server(&self.opts, self.data_dir.path(), self.generation);
+        let (child, addr, admin) =
+            spawn_server(&self.opts, self.data_dir.path(), self.generation, &self.log);
         self.child = Some(child);
         self.addr = addr;
+        self.admin = admin;
+    }
+
+    /// Like `restart`, with other options from now on (e.g. a larger `--map-size-mib`).
+    pub fn restart_with(&mut self, opts: ServerOpts) {
+        if self.child.is_some() {
+            self.stop();
+        }
+        self.opts = opts;
+        self.restart();
     }
 
     pub fn is_running(&self) -> bool {
@@ -191,7 +247,12 @@ impl Drop for Server {
     }
 }
 
-fn spawn_server(opts: &ServerOpts, data_dir: &Path, generation: u32) -> (Child, SocketAddr) {
+fn spawn_server(
+    opts: &ServerOpts,
+    data_dir: &Path,
+    generation: u32,
+    log: &Arc<Mutex<VecDeque<String>>>,
+) -> (Child, SocketAddr, Option<SocketAddr>) {
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_courier"));
     let mut cmd = Command::new(&bin);
     cmd.arg("serve")
@@ -227,34 +288,70 @@ fn spawn_server(opts: &ServerOpts, data_dir: &Path, generation: u32) -> (Child, 
 
     let stdout = child.stdout.take().expect("child stdout");
     let stderr = child.stderr.take().expect("child stderr");
+    let wants_admin = opts
+        .extra_args
+        .windows(2)
+        .any(|pair| pair[0] == "--admin-listen" && pair[1] != "off");
     let (addr_tx, addr_rx) = mpsc::channel::<SocketAddr>();
+    let (admin_tx, admin_rx) = mpsc::channel::<SocketAddr>();
     {
         let prefix = prefix.clone();
+        let log = log.clone();
         std::thread::spawn(move || {
             let mut addr_tx = Some(addr_tx);
+            let mut admin_tx = Some(admin_tx);
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 eprintln!("{prefix} stdout: {line}");
-                if let Some(rest) = line.split("listening on ").nth(1) {
-                    let token = rest.split_whitespace().next().unwrap_or("");
-                    if let Ok(addr) = token.parse::<SocketAddr>()
-                        && let Some(tx) = addr_tx.take()
-                    {
-                        let _ = tx.send(addr);
-                    }
+                keep(&log, &line);
+                let (rest, tx) = if let Some(rest) = line.split("admin listening on ").nth(1) {
+                    (rest, &mut admin_tx)
+                } else if let Some(rest) = line.split("listening on ").nth(1) {
+                    (rest, &mut addr_tx)
+                } else {
+                    continue;
+                };
+                let token = rest.split_whitespace().next().unwrap_or("");
+                if let Ok(addr) = token.parse::<SocketAddr>()
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(addr);
                 }
             }
         });
     }
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            eprintln!("{prefix} stderr: {line}");
-        }
-    });
+    {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("{prefix} stderr: {line}");
+                keep(&log, &line);
+            }
+        });
+    }
 
-    match addr_rx.recv_timeout(START_TIMEOUT) {
-        Ok(addr) => (child, addr),
+    let started = Instant::now();
+    let addr = addr_rx.recv_timeout(START_TIMEOUT);
+    let admin = match (&addr, wants_admin) {
+        (Ok(_), true) => {
+            let left = START_TIMEOUT.saturating_sub(started.elapsed());
+            match admin_rx.recv_timeout(left) {
+                Ok(admin) => Some(admin),
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "courier serve did not print `admin listening on <addr>` within \
+                         {START_TIMEOUT:?}"
+                    );
+                }
+            }
+        }
+        _ => None,
+    };
+    match addr {
+        Ok(addr) => (child, addr, admin),
         Err(mpsc::RecvTimeoutError::Disconnected) => {
             // stdout closed before the line: the process is gone (or closed stdout).
             let status = wait_bounded(&mut child, Duration::from_secs(5));
@@ -269,6 +366,15 @@ fn spawn_server(opts: &ServerOpts, data_dir: &Path, generation: u32) -> (Child, 
             panic!("courier serve did not print `listening on <addr>` within {START_TIMEOUT:?}");
         }
     }
+}
+
+/// Appends one server output line to the kept log (dropping the oldest beyond the bound).
+fn keep(log: &Mutex<VecDeque<String>>, line: &str) {
+    let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+    if log.len() >= LOG_LINES_KEPT {
+        log.pop_front();
+    }
+    log.push_back(line.to_string());
 }
 
 fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
@@ -348,6 +454,47 @@ impl Client {
         }
         let stream = TcpStream::connect_timeout(&addr, RECV_TIMEOUT)
             .map_err(|e| ConnectError::Other(format!("tcp connect {addr}: {e}")))?;
+        Client::upgrade(stream, &url, path_and_query, request)
+    }
+
+    /// Dev-mode connection whose socket has a fixed kernel receive buffer of `bytes` (set before
+    /// connecting, so the kernel does not grow it): a reader that stops reading then pushes back
+    /// on the server after a few KiB instead of the megabytes an autotuned loopback buffer holds.
+    pub fn try_dev_small_recv_buffer(
+        addr: SocketAddr,
+        user: &str,
+        device: &str,
+        bytes: usize,
+    ) -> Result<Client, ConnectError> {
+        let path_and_query = format!("/v1/ws?user={user}&device={device}");
+        let url = format!("ws://{addr}{path_and_query}");
+        let request = url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| ConnectError::Other(format!("bad request {url}: {e}")))?;
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )
+        .map_err(|e| ConnectError::Other(format!("socket: {e}")))?;
+        socket
+            .set_recv_buffer_size(bytes)
+            .map_err(|e| ConnectError::Other(format!("SO_RCVBUF: {e}")))?;
+        socket
+            .connect_timeout(&addr.into(), RECV_TIMEOUT)
+            .map_err(|e| ConnectError::Other(format!("tcp connect {addr}: {e}")))?;
+        Client::upgrade(socket.into(), &url, &path_and_query, request)
+            .map(|c| c.labelled(format!("{user}/{device}")))
+    }
+
+    /// The WebSocket upgrade on a connected socket.
+    fn upgrade(
+        stream: TcpStream,
+        url: &str,
+        path_and_query: &str,
+        request: tungstenite::handshake::client::Request,
+    ) -> Result<Client, ConnectError> {
         stream
             .set_read_timeout(Some(RECV_TIMEOUT))
             .expect("set_read_timeout");
