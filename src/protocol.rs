@@ -485,9 +485,13 @@ impl<'a> Fields<'a> {
     }
 }
 
-/// Parses a message id: the decimal string of a u64, no sign, no leading `+`.
+/// Parses a message id: the canonical decimal string of a u64 (no sign, no leading zeros), so
+/// one id has exactly one spelling.
 pub fn parse_msg_id(s: &str) -> Option<MsgId> {
     if s.is_empty() || s.len() > 20 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    if s.len() > 1 && s.starts_with('0') {
         return None;
     }
     s.parse().ok().map(MsgId)
@@ -874,6 +878,8 @@ mod tests {
         assert_eq!(parse_msg_id("18446744073709551615"), Some(MsgId(u64::MAX)));
         assert_eq!(parse_msg_id("18446744073709551616"), None);
         assert_eq!(parse_msg_id("+1"), None);
+        assert_eq!(parse_msg_id("007"), None);
+        assert_eq!(parse_msg_id("00"), None);
         assert_eq!(parse_msg_id(""), None);
     }
 
