@@ -854,25 +854,11 @@ impl Shard {
                 self.finish_send(msg);
             }
             Err(code) => {
-                let waiters = {
-                    let mut inflight = self.inflight_by_msg.borrow_mut();
-                    let Some(entry) = inflight.get_mut(&msg) else {
-                        return;
-                    };
-                    entry.failed = true;
-                    std::mem::take(&mut entry.waiters)
-                        .into_iter()
-                        .map(|w| (w, entry.client.clone()))
-                        .collect::<Vec<_>>()
-                };
-                for (conn, client) in waiters {
-                    self.to_conn_error(
-                        conn,
-                        FrameError::new(code, "the recipient's copy could not be stored yet")
-                            .with_retry(1000)
-                            .with_id(Some(client.as_str())),
-                    );
-                }
+                self.stall_send(
+                    msg,
+                    &FrameError::new(code, "the recipient's copy could not be stored yet")
+                        .with_retry(1000),
+                );
             }
         }
     }
@@ -919,16 +905,51 @@ impl Shard {
         self.stage(ops, vec![AfterCommit::GroupSendDone { msg, refused }]);
     }
 
-    /// Every copy is durable: answer `sent` to every waiter.
-    fn finish_send(&self, msg: MsgId) {
-        let Some(entry) = self.inflight_by_msg.borrow_mut().remove(&msg) else {
+    /// Forgets a send (it will not complete) and answers its waiters with `error`.
+    fn abandon_send(&self, msg: MsgId, error: &FrameError) {
+        let Some(entry) = self.take_send(msg) else {
             return;
         };
+        for conn in entry.waiters {
+            self.to_conn_error(conn, error.clone().with_id(Some(entry.client.as_str())));
+        }
+    }
+
+    /// Keeps a send in flight for a retry to re-drive, and answers its current waiters with
+    /// `error`.
+    fn stall_send(&self, msg: MsgId, error: &FrameError) {
+        let waiters = {
+            let mut inflight = self.inflight_by_msg.borrow_mut();
+            let Some(entry) = inflight.get_mut(&msg) else {
+                return;
+            };
+            entry.failed = true;
+            std::mem::take(&mut entry.waiters)
+                .into_iter()
+                .map(|w| (w, entry.client.clone()))
+                .collect::<Vec<_>>()
+        };
+        for (conn, client) in waiters {
+            self.to_conn_error(conn, error.clone().with_id(Some(client.as_str())));
+        }
+    }
+
+    /// Removes a send's in-flight entries.
+    fn take_send(&self, msg: MsgId) -> Option<Inflight> {
+        let entry = self.inflight_by_msg.borrow_mut().remove(&msg)?;
         self.inflight_by_client.borrow_mut().remove(&(
             entry.user.clone(),
             entry.device.clone(),
             entry.client.clone(),
         ));
+        Some(entry)
+    }
+
+    /// Every copy is durable: answer `sent` to every waiter.
+    fn finish_send(&self, msg: MsgId) {
+        let Some(entry) = self.take_send(msg) else {
+            return;
+        };
         let frame = encode_sent(entry.client.as_str(), msg, entry.ts_ms);
         for conn in entry.waiters {
             self.to_conn(conn, ConnItem::Frame(frame.clone()));
@@ -1009,23 +1030,10 @@ impl Shard {
             }
             AfterCommit::GroupSendDone { msg, refused } => match refused {
                 None => self.finish_send(msg),
-                Some(code) => {
-                    let Some(entry) = self.inflight_by_msg.borrow_mut().remove(&msg) else {
-                        return;
-                    };
-                    self.inflight_by_client.borrow_mut().remove(&(
-                        entry.user.clone(),
-                        entry.device.clone(),
-                        entry.client.clone(),
-                    ));
-                    for conn in entry.waiters {
-                        self.to_conn_error(
-                            conn,
-                            FrameError::new(code, "you are not a member of this group")
-                                .with_id(Some(entry.client.as_str())),
-                        );
-                    }
-                }
+                Some(code) => self.abandon_send(
+                    msg,
+                    &FrameError::new(code, "you are not a member of this group"),
+                ),
             },
         }
     }
@@ -1050,20 +1058,7 @@ impl Shard {
             }
             // The sender's copy is not stored: the send never happened; answer the waiters.
             AfterCommit::Forward(Delivery { msg, .. }) | AfterCommit::SendDone { msg } => {
-                let Some(entry) = self.inflight_by_msg.borrow_mut().remove(&msg) else {
-                    return;
-                };
-                self.inflight_by_client.borrow_mut().remove(&(
-                    entry.user.clone(),
-                    entry.device.clone(),
-                    entry.client.clone(),
-                ));
-                for conn in entry.waiters {
-                    self.to_conn_error(
-                        conn,
-                        Self::store_error_frame(error).with_id(Some(entry.client.as_str())),
-                    );
-                }
+                self.abandon_send(msg, &Self::store_error_frame(error));
             }
             AfterCommit::Confirm { origin, user, msg } => {
                 self.delivering.borrow_mut().remove(&(user, msg));
@@ -1096,23 +1091,7 @@ impl Shard {
             // Every copy is stored but the dedupe entry is not: keep the send in flight and let
             // a retry fan it out again (member owners skip what they have).
             AfterCommit::GroupSendDone { msg, .. } => {
-                let waiters = {
-                    let mut inflight = self.inflight_by_msg.borrow_mut();
-                    let Some(entry) = inflight.get_mut(&msg) else {
-                        return;
-                    };
-                    entry.failed = true;
-                    std::mem::take(&mut entry.waiters)
-                        .into_iter()
-                        .map(|w| (w, entry.client.clone()))
-                        .collect::<Vec<_>>()
-                };
-                for (conn, client) in waiters {
-                    self.to_conn_error(
-                        conn,
-                        Self::store_error_frame(error).with_id(Some(client.as_str())),
-                    );
-                }
+                self.stall_send(msg, &Self::store_error_frame(error));
             }
         }
     }
