@@ -14,7 +14,8 @@ use std::rc::Rc;
 
 use crate::ids::{ChatId, ConnRef, DeviceId, MsgId, Seq, UserId};
 use crate::protocol::{
-    DeleteScope, ErrorCode, EventBody, FrameError, decode_stored_msg, encode_event, encode_typing,
+    DeleteScope, ErrorCode, EventBody, FrameError, StoredMsg, decode_stored_msg, encode_event,
+    encode_typing,
 };
 use crate::router::{ConnItem, ForeignEvent, ForeignKind, ShardMsg};
 use crate::shard::{AfterCommit, Shard};
@@ -339,22 +340,25 @@ impl Shard {
     // -----------------------------------------------------------------------------------------
     // Edit and delete.
 
-    /// Finds a message in the caller's log: (seq, stored fields).
-    fn find_message(
-        &self,
-        user: &UserId,
-        msg: MsgId,
-    ) -> Result<Option<crate::protocol::StoredMsg>, StoreError> {
-        let Some(seq) = self.store().msg_index_get(user, msg)? else {
-            return Ok(None);
-        };
-        if self.store().msg_change(user, msg)? == Some(MsgChange::Deleted) {
-            return Ok(None);
+    /// Finds a message in the caller's log (not deleted there): `unknown_message` otherwise.
+    fn find_message(&self, user: &UserId, msg: MsgId) -> Result<StoredMsg, FrameError> {
+        let store = self.store();
+        let found = (|| -> Result<Option<StoredMsg>, StoreError> {
+            let Some(seq) = store.msg_index_get(user, msg)? else {
+                return Ok(None);
+            };
+            if store.msg_change(user, msg)? == Some(MsgChange::Deleted) {
+                return Ok(None);
+            }
+            Ok(store
+                .read_record(user, seq)?
+                .and_then(|record| decode_stored_msg(&record)))
+        })();
+        match found {
+            Ok(Some(stored)) => Ok(stored),
+            Ok(None) => Err(unknown_message(msg)),
+            Err(e) => Err(Self::store_error_frame(&e)),
         }
-        Ok(self
-            .store()
-            .read_record(user, seq)?
-            .and_then(|record| decode_stored_msg(&record)))
     }
 
     pub(crate) fn on_edit(
@@ -368,27 +372,14 @@ impl Shard {
         let fail = |e: FrameError| {
             self.to_conn_error(conn, e.with_id(reply_id.as_deref()).with_msg(msg));
         };
-        let stored = match self.find_message(&user, msg) {
-            Ok(Some(stored)) => stored,
-            Ok(None) => return fail(unknown_message(msg)),
-            Err(e) => return fail(Self::store_error_frame(&e)),
-        };
         let now = self.clock.now_ms();
-        if stored.from != user.as_str() {
-            return fail(FrameError::new(
-                ErrorCode::Forbidden,
-                "only the sender may edit a message",
-            ));
-        }
-        if now.saturating_sub(stored.ts_ms) > self.config.edit_window.as_millis() as u64 {
-            return fail(FrameError::new(
-                ErrorCode::Forbidden,
-                format!(
-                    "the edit window of {} s has passed",
-                    self.config.edit_window.as_secs()
-                ),
-            ));
-        }
+        let stored = match self
+            .find_message(&user, msg)
+            .and_then(|stored| senders_own(stored, &user, now, self.config.edit_window, "edit"))
+        {
+            Ok(stored) => stored,
+            Err(e) => return fail(e),
+        };
         let actions = self.forward_change(&user, &stored.chat, now, |chat| ForeignKind::Edit {
             chat,
             msg,
@@ -420,31 +411,22 @@ impl Shard {
         let fail = |e: FrameError| {
             self.to_conn_error(conn, e.with_id(reply_id.as_deref()).with_msg(msg));
         };
-        let stored = match self.find_message(&user, msg) {
-            Ok(Some(stored)) => stored,
-            Ok(None) => return fail(unknown_message(msg)),
-            Err(e) => return fail(Self::store_error_frame(&e)),
-        };
         let now = self.clock.now_ms();
+        let stored = match self
+            .find_message(&user, msg)
+            .and_then(|stored| match scope {
+                DeleteScope::Me => Ok(stored),
+                DeleteScope::Everyone => {
+                    senders_own(stored, &user, now, self.config.delete_window, "delete")
+                }
+            }) {
+            Ok(stored) => stored,
+            Err(e) => return fail(e),
+        };
         let mut actions = Vec::new();
         let scope_name = match scope {
             DeleteScope::Me => "me",
             DeleteScope::Everyone => {
-                if stored.from != user.as_str() {
-                    return fail(FrameError::new(
-                        ErrorCode::Forbidden,
-                        "only the sender may delete a message for everyone",
-                    ));
-                }
-                if now.saturating_sub(stored.ts_ms) > self.config.delete_window.as_millis() as u64 {
-                    return fail(FrameError::new(
-                        ErrorCode::Forbidden,
-                        format!(
-                            "the delete window of {} s has passed",
-                            self.config.delete_window.as_secs()
-                        ),
-                    ));
-                }
                 actions = self.forward_change(&user, &stored.chat, now, |chat| {
                     ForeignKind::Delete { chat, msg }
                 });
@@ -657,6 +639,29 @@ impl Shard {
             self.stage(ops, actions);
         }
     }
+}
+
+/// Only the sender may `what` a message for everyone, and only within `window` of sending.
+fn senders_own(
+    stored: StoredMsg,
+    user: &UserId,
+    now_ms: u64,
+    window: std::time::Duration,
+    what: &str,
+) -> Result<StoredMsg, FrameError> {
+    if stored.from != user.as_str() {
+        return Err(FrameError::new(
+            ErrorCode::Forbidden,
+            format!("only the sender may {what} a message for everyone"),
+        ));
+    }
+    if now_ms.saturating_sub(stored.ts_ms) > window.as_millis() as u64 {
+        return Err(FrameError::new(
+            ErrorCode::Forbidden,
+            format!("the {what} window of {} s has passed", window.as_secs()),
+        ));
+    }
+    Ok(stored)
 }
 
 fn unknown_message(msg: MsgId) -> FrameError {
