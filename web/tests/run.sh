@@ -34,6 +34,15 @@ if [ ! -x "$chromium_bin" ]; then
 fi
 export CHROMIUM="$chromium_bin"
 
+# --- Node.js and npm (on this project's machines already; Debian's packages otherwise)
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  log "installing nodejs and npm"
+  sudo_cmd=()
+  if [ "$(id -u)" != 0 ]; then sudo_cmd=(sudo); fi
+  "${sudo_cmd[@]}" apt-get update -q
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -q nodejs npm
+fi
+
 # --- playwright-core (never its browser download: it is only the driver)
 log "npm ci (playwright-core)"
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
