@@ -24,7 +24,7 @@
 use std::ops::Bound;
 use std::path::Path;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -36,6 +36,9 @@ use crate::config::Durability;
 use crate::ids::{DeviceId, MsgId, Seq, ShardId, UserId};
 
 type Table = Database<RawBytes, RawBytes>;
+
+/// With `Durability::ProcessCrashSafe`, the longest a commit stays without an fsync.
+const PERIODIC_SYNC: Duration = Duration::from_secs(1);
 
 /// Why a storage operation failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -388,18 +391,23 @@ impl Store {
         completions: UnboundedSender<Completion>,
     ) {
         let mut poisoned_epoch: Option<u64> = None;
-        let mut unsynced = false;
+        // Durability::ProcessCrashSafe: commits are not fsynced; the oldest commit not yet
+        // synced is at most `PERIODIC_SYNC` old, busy or idle, which bounds what a power
+        // failure can lose.
+        let mut unsynced_since: Option<Instant> = None;
+        let sync_if_due = |unsynced_since: &mut Option<Instant>| {
+            if unsynced_since.is_some_and(|since| since.elapsed() >= PERIODIC_SYNC) {
+                if let Err(e) = self.env.force_sync() {
+                    tracing::error!(error = %e, "periodic fsync failed");
+                }
+                *unsynced_since = None;
+            }
+        };
         loop {
-            let first = match batches.recv_timeout(Duration::from_secs(1)) {
+            let first = match batches.recv_timeout(PERIODIC_SYNC) {
                 Ok(batch) => batch,
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                    if unsynced {
-                        // Durability::ProcessCrashSafe: bound what a power failure can lose.
-                        if let Err(e) = self.env.force_sync() {
-                            tracing::error!(error = %e, "periodic fsync failed");
-                        }
-                        unsynced = false;
-                    }
+                    sync_if_due(&mut unsynced_since);
                     continue;
                 }
                 Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
@@ -417,8 +425,9 @@ impl Store {
             }
             let results = self.commit_isolating_failures(&group, &mut poisoned_epoch);
             if durability == Durability::ProcessCrashSafe && results.iter().any(|r| r.is_ok()) {
-                unsynced = true;
+                unsynced_since.get_or_insert_with(Instant::now);
             }
+            sync_if_due(&mut unsynced_since);
             // Completions go out in the order the batches came in.
             for (batch, result) in group.iter().zip(results) {
                 let completion = Completion {
