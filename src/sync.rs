@@ -385,17 +385,8 @@ impl Shard {
             msg,
             body: body.clone(),
         });
-        let ops = vec![WriteOp::PutChange {
-            user: user.clone(),
-            msg,
-            change: MsgChange::Edited(body.clone()),
-        }];
-        let event = EventBody::Edit {
-            chat: &stored.chat,
-            msg,
-            body: &body,
-        };
-        if let Err(e) = self.stage_event(&user, now, &event, ops, actions) {
+        let change = MsgChange::Edited(body);
+        if let Err(e) = self.stage_change(&user, now, &stored.chat, msg, change, "", actions) {
             fail(Self::store_error_frame(&e));
         }
     }
@@ -433,19 +424,37 @@ impl Shard {
                 "everyone"
             }
         };
+        let change = MsgChange::Deleted;
+        if let Err(e) =
+            self.stage_change(&user, now, &stored.chat, msg, change, scope_name, actions)
+        {
+            fail(Self::store_error_frame(&e));
+        }
+    }
+
+    /// Stages an edit or delete of `msg` in `user`'s log: the `edit` / `delete` event (with
+    /// `scope` for a delete) and the change record that history reads.
+    #[allow(clippy::too_many_arguments)]
+    fn stage_change(
+        &self,
+        user: &UserId,
+        ts_ms: u64,
+        chat: &str,
+        msg: MsgId,
+        change: MsgChange,
+        scope: &'static str,
+        actions: Vec<AfterCommit>,
+    ) -> Result<Seq, StoreError> {
+        let event = match &change {
+            MsgChange::Edited(body) => EventBody::Edit { chat, msg, body },
+            MsgChange::Deleted => EventBody::Delete { chat, msg, scope },
+        };
         let ops = vec![WriteOp::PutChange {
             user: user.clone(),
             msg,
-            change: MsgChange::Deleted,
+            change: change.clone(),
         }];
-        let event = EventBody::Delete {
-            chat: &stored.chat,
-            msg,
-            scope: scope_name,
-        };
-        if let Err(e) = self.stage_event(&user, now, &event, ops, actions) {
-            fail(Self::store_error_frame(&e));
-        }
+        self.stage_event(user, ts_ms, &event, ops, actions)
     }
 
     /// Where the sender's edit or delete goes once durable: the peer's owner (1:1, the chat
@@ -496,34 +505,11 @@ impl Shard {
         {
             return Ok(());
         }
-        match edit {
-            Some(body) => {
-                let ops = vec![WriteOp::PutChange {
-                    user: to.clone(),
-                    msg,
-                    change: MsgChange::Edited(body.clone()),
-                }];
-                let event = EventBody::Edit {
-                    chat,
-                    msg,
-                    body: &body,
-                };
-                self.stage_event(to, ts_ms, &event, ops, Vec::new())?;
-            }
-            None => {
-                let ops = vec![WriteOp::PutChange {
-                    user: to.clone(),
-                    msg,
-                    change: MsgChange::Deleted,
-                }];
-                let event = EventBody::Delete {
-                    chat,
-                    msg,
-                    scope: "everyone",
-                };
-                self.stage_event(to, ts_ms, &event, ops, Vec::new())?;
-            }
-        }
+        let change = match edit {
+            Some(body) => MsgChange::Edited(body),
+            None => MsgChange::Deleted,
+        };
+        self.stage_change(to, ts_ms, chat, msg, change, "everyone", Vec::new())?;
         Ok(())
     }
 
