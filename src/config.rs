@@ -63,12 +63,13 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Devices one user may link. At the bound: a new device gets `device_limit` and close 4003.
     pub max_devices_per_user: usize,
-    /// Group size cap (groups are a later feature; kept here with the other bounds).
+    /// Members per group. At the bound: `create` or `add` beyond it gets `group_full`.
     pub max_group_members: usize,
     /// Bytes queued for one connection's socket. At the bound: the connection is closed with
     /// 4009 (everything it missed is in the log; it resumes from its cursor on reconnect).
     pub outbound_queue_max_bytes: usize,
-    /// Open connections per shard. At the bound: new connections are refused with HTTP 503.
+    /// Open connections per shard. At the bound: a new connection is upgraded and closed at once
+    /// with 1013 (try again later); the descriptor limit (RLIMIT_NOFILE) usually comes first.
     pub connections_per_shard_max: usize,
     /// Retried-`send` ids remembered per device. Beyond the window, the oldest id is forgotten
     /// and a retry of it would be stored again.

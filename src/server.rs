@@ -471,24 +471,28 @@ fn check_io_uring() -> Result<(), StartError> {
     })
 }
 
-fn check_memlock() -> Result<(), StartError> {
+/// The soft limit of a resource (`None` when it cannot be read).
+fn soft_limit(resource: libc::__rlimit_resource_t) -> Option<u64> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit writes into the struct we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } != 0 {
-        return Ok(());
+    (unsafe { libc::getrlimit(resource, &mut limit) } == 0).then_some(limit.rlim_cur)
+}
+
+fn check_memlock() -> Result<(), StartError> {
+    match soft_limit(libc::RLIMIT_MEMLOCK) {
+        Some(soft) if soft != libc::RLIM_INFINITY && soft < MEMLOCK_MIN_BYTES => {
+            Err(refuse(format!(
+                "RLIMIT_MEMLOCK is {} KiB; io_uring needs at least {} KiB locked memory \
+                 (raise it: `ulimit -l 1024`, or LimitMEMLOCK= in the systemd unit)",
+                soft / 1024,
+                MEMLOCK_MIN_BYTES / 1024
+            )))
+        }
+        _ => Ok(()),
     }
-    if limit.rlim_cur != libc::RLIM_INFINITY && limit.rlim_cur < MEMLOCK_MIN_BYTES {
-        return Err(refuse(format!(
-            "RLIMIT_MEMLOCK is {} KiB; io_uring needs at least {} KiB locked memory \
-             (raise it: `ulimit -l 1024`, or LimitMEMLOCK= in the systemd unit)",
-            limit.rlim_cur / 1024,
-            MEMLOCK_MIN_BYTES / 1024
-        )));
-    }
-    Ok(())
 }
 
 fn check_data_dir(dir: &Path) -> Result<(), StartError> {
@@ -546,15 +550,10 @@ fn settle_shard_count(dir: &Path, asked: Option<usize>) -> Result<usize, StartEr
 }
 
 fn log_nofile() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0 {
+    if let Some(nofile) = soft_limit(libc::RLIMIT_NOFILE) {
         tracing::info!(
-            nofile = limit.rlim_cur,
-            connections = limit.rlim_cur.saturating_sub(100),
+            nofile,
+            connections = nofile.saturating_sub(100),
             "RLIMIT_NOFILE allows about this many connections (one descriptor each)"
         );
     }
