@@ -29,7 +29,7 @@ pub struct CompareArgs {
     pub warmup: f64,
     #[arg(long, default_value_t = 8.0)]
     pub duration: f64,
-    /// Peers to include when available (nats).
+    /// Peers to include when available (nats, ejabberd).
     #[arg(long, value_delimiter = ',', default_value = "nats")]
     pub peers: Vec<String>,
     #[arg(long)]
@@ -58,6 +58,10 @@ pub fn run(a: &CompareArgs) -> Result<Vec<Row>, String> {
             "nats" => {
                 eprintln!("[compare] nats-server not installed (bench/peers/nats.sh): skipped")
             }
+            "ejabberd" if crate::spawn::ejabberd_installed() => targets.push(Target::Ejabberd),
+            "ejabberd" => eprintln!(
+                "[compare] ejabberd not installed (bench/peers/ejabberd.sh installs it): skipped"
+            ),
             other => eprintln!("[compare] peer {other} not supported: skipped"),
         }
     }
@@ -75,7 +79,16 @@ pub fn run(a: &CompareArgs) -> Result<Vec<Row>, String> {
             svg: None,
             prefix: "c".into(),
         };
-        let srv = fanout::start_server(t, &a.server)?;
+        // A peer that does not start is left out of the table (Courier not starting is an
+        // error: there would be nothing to compare against).
+        let srv = match fanout::start_server(t, &a.server) {
+            Ok(s) => s,
+            Err(e) if t != Target::Courier => {
+                eprintln!("[compare] {} did not start: {e}; skipped", t.name());
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let conn = connect::run_on(&ca, &srv)
             .map_err(|e| eprintln!("[compare] connect: {e}"))
             .ok();
@@ -98,7 +111,14 @@ pub fn run(a: &CompareArgs) -> Result<Vec<Row>, String> {
             svg: None,
             group_chat: None,
         };
-        let srv = fanout::start_server(t, &a.server)?;
+        let srv = match fanout::start_server(t, &a.server) {
+            Ok(s) => s,
+            Err(e) if t != Target::Courier => {
+                eprintln!("[compare] {} did not start: {e}; skipped", t.name());
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let max = fanout::run_on(&fa, &srv)
             .map_err(|e| eprintln!("[compare] fanout: {e}"))
             .ok();

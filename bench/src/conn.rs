@@ -1,14 +1,17 @@
-//! One client connection to the server under test: Courier's protocol v1 or NATS, both over
-//! WebSocket, bound to a chosen loopback source address.
+//! One client connection to the server under test: Courier's protocol v1, NATS, or XMPP
+//! (ejabberd, RFC 7395), all over WebSocket, bound to a chosen loopback source address.
 
 use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
 
 use futures_util::{SinkExt, StreamExt};
+
+use crate::xmpp;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -16,6 +19,24 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 pub enum Target {
     Courier,
     Nats,
+    Ejabberd,
+}
+
+impl Target {
+    /// The `--target` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Courier => "courier",
+            Target::Nats => "nats",
+            Target::Ejabberd => "ejabberd",
+        }
+    }
+
+    /// Courier confirms each send with `sent`; the peers do not, so their max-rate senders
+    /// bound what is in flight with pings (NATS PING/PONG, XMPP ping iq) instead.
+    pub fn confirms_sends(self) -> bool {
+        self == Target::Courier
+    }
 }
 
 /// Connections per loopback source address (the ephemeral port range is ~28k per 4-tuple set).
@@ -30,7 +51,8 @@ pub fn source_addr(i: usize) -> Ipv4Addr {
 /// What the bench cares about in an incoming frame.
 #[derive(Debug)]
 pub enum Incoming {
-    /// A `msg` event (Courier) or a NATS MSG: the body, and the seq where there is one.
+    /// A `msg` event (Courier), a NATS MSG or an XMPP chat message (a carbon included): the
+    /// body, and the seq where there is one.
     Msg {
         seq: u64,
         body: String,
@@ -49,7 +71,8 @@ pub enum Incoming {
         code: String,
         id: Option<String>,
     },
-    /// NATS PONG (answers the sender's PING: everything published before it was processed).
+    /// NATS PONG or the result of an XMPP ping (answers the sender's ping: everything sent
+    /// before it was processed).
     Pong,
     Other,
 }
@@ -64,6 +87,8 @@ pub struct Conn {
     target: Target,
     queue: VecDeque<Incoming>,
     nats_buf: Vec<u8>,
+    /// Numbers the XMPP pings, whose ids tell their results from other iq results.
+    pings: u64,
 }
 
 #[derive(serde::Deserialize)]
@@ -123,8 +148,9 @@ pub fn addr_of(url: &str) -> Result<SocketAddr, String> {
 }
 
 impl Conn {
-    /// Connects as (user, device) and waits for `hello` (Courier) or for the subscription to be
-    /// in place (NATS: SUB then PING, wait for PONG).
+    /// Connects as (user, device) and waits for `hello` (Courier), for the subscription to be
+    /// in place (NATS: SUB then PING, wait for PONG) or for the XMPP session to be ready
+    /// (ejabberd: SASL PLAIN as `user`, resource `device` bound, carbons on, presence sent).
     pub async fn open(
         target: Target,
         url: &str,
@@ -137,7 +163,16 @@ impl Conn {
         let req = match target {
             Target::Courier => format!("{url}/v1/ws?user={user}&device={device}"),
             Target::Nats => format!("{url}/"),
+            Target::Ejabberd => format!("{url}/ws"),
         };
+        let mut req = req
+            .into_client_request()
+            .map_err(|e| format!("request: {e}"))?;
+        if target == Target::Ejabberd {
+            // RFC 7395: the `xmpp` subprotocol is what makes ejabberd_http_ws speak framed XMPP.
+            req.headers_mut()
+                .insert("Sec-WebSocket-Protocol", "xmpp".parse().expect("header"));
+        }
         let (ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(ws_config()))
             .await
             .map_err(|e| format!("upgrade: {e}"))?;
@@ -146,6 +181,7 @@ impl Conn {
             target,
             queue: VecDeque::new(),
             nats_buf: Vec::new(),
+            pings: 0,
         };
         match target {
             Target::Courier => loop {
@@ -180,6 +216,114 @@ impl Conn {
                     }
                 }
             }
+            Target::Ejabberd => {
+                c.xmpp_login(user, device).await?;
+                Ok((c, Hello { cursor: 0, head: 0 }))
+            }
+        }
+    }
+
+    /// The client side of RFC 7395 + RFC 6120 up to a ready session. Each step waits for the
+    /// server's answer, as a client must (the features decide what comes next); only the last
+    /// three requests, which need nothing from each other, go out together.
+    async fn xmpp_login(&mut self, user: &str, device: &str) -> Result<(), String> {
+        self.send_text(xmpp::open()).await?;
+        self.xmpp_until(|e| matches!(e, xmpp::Element::Features))
+            .await?;
+        self.send_text(xmpp::auth_plain(user)).await?;
+        let sasl = self
+            .xmpp_until(|e| {
+                matches!(
+                    e,
+                    xmpp::Element::SaslSuccess | xmpp::Element::SaslFailure(_)
+                )
+            })
+            .await?;
+        if let xmpp::Element::SaslFailure(c) = sasl {
+            return Err(format!("sasl: {c}"));
+        }
+        // SASL success restarts the stream: a new <open/>, new features (bind).
+        self.send_text(xmpp::open()).await?;
+        self.xmpp_until(|e| matches!(e, xmpp::Element::Features))
+            .await?;
+        self.send_text(xmpp::bind("b", device)).await?;
+        expect_result(
+            self.xmpp_until(|e| matches!(e, xmpp::Element::Iq { id, .. } if id == "b"))
+                .await?,
+            "bind",
+        )?;
+        self.send_text(xmpp::enable_carbons("c")).await?;
+        self.send_text(xmpp::presence()).await?;
+        // The ping's result comes after the presence was processed: the session is available
+        // to receive messages sent to the bare JID from then on.
+        self.send_text(xmpp::ping("h")).await?;
+        expect_result(
+            self.xmpp_until(|e| matches!(e, xmpp::Element::Iq { id, .. } if id == "c"))
+                .await?,
+            "carbons",
+        )?;
+        expect_result(
+            self.xmpp_until(|e| matches!(e, xmpp::Element::Iq { id, .. } if id == "h"))
+                .await?,
+            "ping",
+        )?;
+        Ok(())
+    }
+
+    /// Reads elements until `want` matches one; messages that arrive meanwhile are kept for
+    /// `recv`, a closed stream is an error.
+    async fn xmpp_until(
+        &mut self,
+        want: impl Fn(&xmpp::Element) -> bool,
+    ) -> Result<xmpp::Element, String> {
+        loop {
+            let m = self
+                .ws
+                .next()
+                .await
+                .ok_or("closed during login")?
+                .map_err(|e| format!("during login: {e}"))?;
+            let t = match m {
+                Message::Text(t) => t,
+                Message::Close(f) => return Err(format!("closed during login: {f:?}")),
+                _ => continue,
+            };
+            let e = xmpp::parse(&t);
+            if want(&e) {
+                return Ok(e);
+            }
+            match e {
+                xmpp::Element::Closed(why) => return Err(format!("stream closed: {why}")),
+                xmpp::Element::Message { .. } => {
+                    let i = self.xmpp_incoming(e);
+                    self.queue.push_back(i);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn xmpp_incoming(&self, e: xmpp::Element) -> Incoming {
+        match e {
+            xmpp::Element::Message {
+                error: Some(code),
+                id,
+                ..
+            } => Incoming::Error { code, id: Some(id) },
+            xmpp::Element::Message {
+                body: Some(body), ..
+            } => Incoming::Msg { seq: 0, body },
+            xmpp::Element::Iq { ty, id } if id.starts_with('p') => {
+                if ty == "result" {
+                    Incoming::Pong
+                } else {
+                    Incoming::Error {
+                        code: format!("ping iq {ty}"),
+                        id: None,
+                    }
+                }
+            }
+            _ => Incoming::Other,
         }
     }
 
@@ -203,6 +347,17 @@ impl Conn {
                     Ok(NatsCtl::Pong) => return Some(Incoming::Pong),
                     Ok(NatsCtl::None) => {}
                 },
+                Target::Ejabberd => {
+                    let m = self.ws.next().await?.ok()?;
+                    match m {
+                        Message::Text(t) => match xmpp::parse(&t) {
+                            xmpp::Element::Closed(_) => return None,
+                            e => return Some(self.xmpp_incoming(e)),
+                        },
+                        Message::Close(_) => return None,
+                        _ => {}
+                    }
+                }
             }
         }
     }
@@ -254,7 +409,8 @@ impl Conn {
         Ok(ctl)
     }
 
-    /// Sends one message to a user (Courier `send`, NATS `PUB u.<to>`).
+    /// Sends one message to a user (Courier `send`, NATS `PUB u.<to>`, XMPP `<message
+    /// type="chat">` to the bare JID `<to>@localhost`, which reaches every device).
     pub async fn send_msg(&mut self, to: &str, id: &str, body: &str) -> Result<(), String> {
         let m = match self.target {
             Target::Courier => Message::text(format!(
@@ -263,11 +419,12 @@ impl Conn {
             Target::Nats => {
                 Message::binary(format!("PUB u.{to} {}\r\n{body}\r\n", body.len()).into_bytes())
             }
+            Target::Ejabberd => Message::text(xmpp::chat(to, id, body)),
         };
         self.ws.send(m).await.map_err(|e| e.to_string())
     }
 
-    /// Sends a raw text frame (Courier only).
+    /// Sends a raw text frame (a Courier frame or one XMPP element).
     pub async fn send_text(&mut self, text: String) -> Result<(), String> {
         self.ws
             .send(Message::text(text))
@@ -284,16 +441,32 @@ impl Conn {
         }
     }
 
-    /// NATS: PING, answered by PONG once everything sent before it was processed.
+    /// NATS PING or XMPP ping iq, answered (`Incoming::Pong`) once everything sent before it
+    /// was processed.
     pub async fn ping(&mut self) -> Result<(), String> {
-        self.ws
-            .send(Message::binary(b"PING\r\n".to_vec()))
-            .await
-            .map_err(|e| e.to_string())
+        let m = match self.target {
+            Target::Ejabberd => {
+                self.pings += 1;
+                Message::text(xmpp::ping(&format!("p{}", self.pings)))
+            }
+            _ => Message::binary(b"PING\r\n".to_vec()),
+        };
+        self.ws.send(m).await.map_err(|e| e.to_string())
     }
 
     pub async fn close(mut self) {
+        if self.target == Target::Ejabberd {
+            // RFC 7395 §3.6: the client ends the XMPP stream before the WebSocket.
+            let _ = self.ws.send(Message::text(xmpp::close())).await;
+        }
         let _ = self.ws.close(None).await;
+    }
+}
+
+fn expect_result(e: xmpp::Element, what: &str) -> Result<(), String> {
+    match e {
+        xmpp::Element::Iq { ty, .. } if ty == "result" => Ok(()),
+        e => Err(format!("{what}: {e:?}")),
     }
 }
 

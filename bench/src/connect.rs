@@ -14,6 +14,7 @@ use crate::conn::{self, Conn, Target};
 use crate::procfs;
 use crate::report::{self, Latency};
 use crate::spawn::{Server, ServerArgs};
+use crate::xmpp;
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct ConnectArgs {
@@ -118,13 +119,7 @@ pub struct ConnectResult {
 }
 
 pub fn run(a: &ConnectArgs) -> Result<ConnectResult, String> {
-    let server = match a.target {
-        Target::Courier => Server::courier(&a.server)?,
-        Target::Nats => match &a.server.url {
-            Some(_) => Server::courier(&a.server)?, // external: same fields
-            None => Server::nats("nats-server", a.server.server_cpus.as_deref())?,
-        },
-    };
+    let server = crate::fanout::start_server(a.target, &a.server)?;
     let r = run_on(a, &server);
     drop(server);
     let r = r?;
@@ -150,6 +145,12 @@ pub fn run_on(a: &ConnectArgs, server: &Server) -> Result<ConnectResult, String>
         workers,
         ..Default::default()
     };
+    if a.target == Target::Ejabberd {
+        // Accounts are set up before the "before" readings: the connect rate and memory per
+        // connection are about logged-in sessions, not about registering users.
+        let users: Vec<String> = (0..a.n).map(|i| format!("{}{i}", a.prefix)).collect();
+        xmpp::register_blocking(&server.url, &users)?;
+    }
     if let Some(pid) = pid {
         r.rss_before =
             procfs::settled_rss(pid, Duration::from_secs(1), Duration::from_secs(10)).unwrap_or(0);
@@ -175,10 +176,7 @@ pub fn run_on(a: &ConnectArgs, server: &Server) -> Result<ConnectResult, String>
                 "--url",
                 &server.url,
                 "--target",
-                match a.target {
-                    Target::Courier => "courier",
-                    Target::Nats => "nats",
-                },
+                a.target.name(),
                 "--start",
                 &s.to_string(),
                 "--count",

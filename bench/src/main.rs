@@ -11,6 +11,7 @@ mod group;
 mod procfs;
 mod report;
 mod spawn;
+mod xmpp;
 
 use clap::{Parser, Subcommand};
 

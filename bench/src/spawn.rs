@@ -36,6 +36,9 @@ pub struct Server {
     child: Option<Child>,
     data_dir: Option<PathBuf>,
     pub label: String,
+    /// How long a stopping server may take before it is killed (ejabberd closes every session
+    /// on the way out).
+    stop_grace: Duration,
 }
 
 impl Server {
@@ -63,6 +66,7 @@ impl Server {
                 child: None,
                 data_dir: None,
                 label: "courier (external)".into(),
+                stop_grace: Duration::from_secs(15),
             });
         }
         let dir =
@@ -117,6 +121,7 @@ impl Server {
             child: Some(child),
             data_dir: Some(dir),
             label,
+            stop_grace: Duration::from_secs(15),
         })
     }
 
@@ -168,6 +173,111 @@ impl Server {
             child: Some(child),
             data_dir: Some(dir),
             label,
+            stop_grace: Duration::from_secs(15),
+        })
+    }
+
+    /// A server the bench did not start (`--url`, `--server-pid`), of any target.
+    pub fn external(a: &ServerArgs, what: &str) -> Server {
+        Server {
+            url: a
+                .url
+                .as_deref()
+                .unwrap_or("")
+                .trim_end_matches('/')
+                .to_string(),
+            pid: a.server_pid,
+            child: None,
+            data_dir: None,
+            label: format!("{what} (external)"),
+            stop_grace: Duration::from_secs(15),
+        }
+    }
+
+    /// Runs bench/peers/ejabberd.sh (compiled in, so the bench needs no checkout to find it)
+    /// with `--no-install`: a benchmark never installs packages, it reports that the peer is
+    /// missing. The script prints the pid of the VM (beam.smp, the process /proc is read
+    /// from), the version, then `listening on`; SIGTERM to the script stops the VM cleanly
+    /// and removes its private config and spool.
+    pub fn ejabberd(cpus: Option<&str>) -> Result<Server, String> {
+        if !ejabberd_installed() {
+            return Err(
+                "ejabberd is not installed (run bench/peers/ejabberd.sh as root to install it)"
+                    .into(),
+            );
+        }
+        let port = free_port()?;
+        let mut child = Command::new("bash")
+            .args([
+                "-c",
+                EJABBERD_SH,
+                "ejabberd.sh",
+                "--no-install",
+                &port.to_string(),
+            ])
+            .args(cpus)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("starting bench/peers/ejabberd.sh: {e}"))?;
+        let out = child.stdout.take().ok_or("no stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let (mut pid, mut version) = (None, String::from("ejabberd"));
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) if l.starts_with("listening on ") => break,
+                Ok(l) => {
+                    if let Some(p) = l.strip_prefix("pid ") {
+                        pid = p.trim().parse::<u32>().ok();
+                    } else if l.starts_with("ejabberd-") {
+                        version = l.split_whitespace().next().unwrap_or("ejabberd").into();
+                    }
+                }
+                Err(_) => {
+                    // Exited (its stderr says why) or too slow: stop whatever is left of it.
+                    stop_child(&mut child, pid, Duration::from_secs(20));
+                    return Err("ejabberd did not start (see its output above)".into());
+                }
+            }
+        }
+        // The VM keeps a core busy for several seconds after its listener opens (loading
+        // modules and mnesia tables); a measurement started then would charge that to the
+        // workload. Wait (bounded) until it uses < 10 % of a core over half a second.
+        if let Some(p) = pid {
+            let t = Instant::now();
+            let mut prev = crate::procfs::cpu_seconds(p).unwrap_or(0.0);
+            while t.elapsed() < Duration::from_secs(30) {
+                std::thread::sleep(Duration::from_millis(500));
+                let now = crate::procfs::cpu_seconds(p).unwrap_or(0.0);
+                if now - prev < 0.05 {
+                    break;
+                }
+                prev = now;
+            }
+            eprintln!(
+                "[server] ejabberd idle {:.1}s after listening",
+                t.elapsed().as_secs_f64()
+            );
+        }
+        let mut label = version;
+        if let Some(c) = cpus {
+            label.push_str(&format!(" cpus={c}"));
+        }
+        Ok(Server {
+            url: format!("ws://127.0.0.1:{port}"),
+            pid,
+            child: Some(child),
+            data_dir: None,
+            label,
+            stop_grace: Duration::from_secs(20),
         })
     }
 
@@ -216,24 +326,54 @@ fn read_listening(child: &mut Child) -> Result<String, String> {
         .map_err(|_| "server did not print `listening on` within 30 s".to_string())
 }
 
+/// bench/peers/ejabberd.sh, run by `Server::ejabberd`.
+const EJABBERD_SH: &str = include_str!("../peers/ejabberd.sh");
+
+/// What the script looks for: Debian's Erlang and ejabberd's code under /usr/lib/<arch>/.
+pub fn ejabberd_installed() -> bool {
+    std::path::Path::new("/usr/bin/erl").exists()
+        && std::fs::read_dir("/usr/lib")
+            .map(|d| {
+                d.flatten().any(|arch| {
+                    std::fs::read_dir(arch.path())
+                        .map(|l| {
+                            l.flatten()
+                                .any(|e| e.file_name().to_string_lossy().starts_with("ejabberd-"))
+                        })
+                        .unwrap_or(false)
+                })
+            })
+            .unwrap_or(false)
+}
+
+/// SIGTERM, then SIGKILL after `grace`. `also` is a process the child started that must not
+/// outlive it (ejabberd's VM, should its script be killed before it could stop the VM).
+fn stop_child(c: &mut Child, also: Option<u32>, grace: Duration) {
+    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + grace;
+    loop {
+        match c.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            _ => {
+                let _ = c.kill();
+                let _ = c.wait();
+                if let Some(p) = also {
+                    unsafe { libc::kill(p as i32, libc::SIGKILL) };
+                }
+                break;
+            }
+        }
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(15);
-            loop {
-                match c.try_wait() {
-                    Ok(Some(_)) => break,
-                    Ok(None) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(50))
-                    }
-                    _ => {
-                        let _ = c.kill();
-                        let _ = c.wait();
-                        break;
-                    }
-                }
-            }
+            // Only a child whose pid differs from the server's (ejabberd's script) has a second
+            // process to clean up; for a `taskset`-exec'd server they are the same process.
+            let also = self.pid.filter(|&p| p != c.id());
+            stop_child(&mut c, also, self.stop_grace);
         }
         if let Some(d) = self.data_dir.take() {
             let _ = std::fs::remove_dir_all(d);
