@@ -23,8 +23,10 @@
 
 use std::ops::Bound;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
@@ -326,6 +328,11 @@ pub struct UserSnapshot {
 pub struct Store {
     env: Env<WithoutTls>,
     tables: Tables,
+    /// The CPUs the process may run on, read when the store was opened (on the main thread,
+    /// before any executor pinned itself). The writer runs on any of them rather than on its
+    /// shard's core: its work is blocking syscalls that would otherwise take turns with the
+    /// shard's event loop on one core.
+    cpus: Option<libc::cpu_set_t>,
 }
 
 impl Store {
@@ -359,7 +366,11 @@ impl Store {
             groups: env.create_database(&mut wtxn, Some("groups"))?,
         };
         wtxn.commit()?;
-        Ok(Store { env, tables })
+        Ok(Store {
+            env,
+            tables,
+            cpus: allowed_cpus(),
+        })
     }
 
     /// Starts this store's writer thread. Batches go in through the returned sender (bounded
@@ -376,7 +387,10 @@ impl Store {
         let store = self.clone();
         let join = thread::Builder::new()
             .name(format!("courier-writer-{}", shard.0))
-            .spawn(move || store.writer_loop(receiver, batch_max_ops, durability, completions))?;
+            .spawn(move || {
+                store.unpin();
+                store.writer_loop(receiver, batch_max_ops, durability, completions)
+            })?;
         Ok(WriterHandle {
             sender: Some(sender),
             join: Some(join),
@@ -391,26 +405,15 @@ impl Store {
         completions: UnboundedSender<Completion>,
     ) {
         let mut poisoned_epoch: Option<u64> = None;
-        // Durability::ProcessCrashSafe: commits are not fsynced; the oldest commit not yet
-        // synced is at most `PERIODIC_SYNC` old, busy or idle, which bounds what a power
-        // failure can lose.
-        let mut unsynced_since: Option<Instant> = None;
-        let sync_if_due = |unsynced_since: &mut Option<Instant>| {
-            if unsynced_since.is_some_and(|since| since.elapsed() >= PERIODIC_SYNC) {
-                if let Err(e) = self.env.force_sync() {
-                    tracing::error!(error = %e, "periodic fsync failed");
-                }
-                *unsynced_since = None;
-            }
-        };
+        // Durability::ProcessCrashSafe: commits are not fsynced here; a syncer thread fsyncs
+        // at most `PERIODIC_SYNC` after any commit, busy or idle, which bounds what a power
+        // failure can lose. It runs beside the writer because an fsync of a second's worth of
+        // pages takes hundreds of milliseconds, and commits must not wait for it.
+        let syncer = (durability == Durability::ProcessCrashSafe).then(|| Syncer::start(&self));
         loop {
-            let first = match batches.recv_timeout(PERIODIC_SYNC) {
+            let first = match batches.recv() {
                 Ok(batch) => batch,
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                    sync_if_due(&mut unsynced_since);
-                    continue;
-                }
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+                Err(_) => break,
             };
             let mut group = vec![first];
             let mut ops = group[0].ops.len();
@@ -424,10 +427,11 @@ impl Store {
                 }
             }
             let results = self.commit_isolating_failures(&group, &mut poisoned_epoch);
-            if durability == Durability::ProcessCrashSafe && results.iter().any(|r| r.is_ok()) {
-                unsynced_since.get_or_insert_with(Instant::now);
+            if let Some(syncer) = &syncer
+                && results.iter().any(|r| r.is_ok())
+            {
+                syncer.dirty.store(true, Ordering::Release);
             }
-            sync_if_due(&mut unsynced_since);
             // Completions go out in the order the batches came in.
             for (batch, result) in group.iter().zip(results) {
                 let completion = Completion {
@@ -440,8 +444,25 @@ impl Store {
                 }
             }
         }
+        if let Some(syncer) = syncer {
+            syncer.stop();
+        }
         if let Err(e) = self.env.force_sync() {
             tracing::error!(error = %e, "final fsync failed");
+        }
+    }
+
+    /// Lets the calling thread run on every CPU the process may use (see `cpus`).
+    fn unpin(&self) {
+        if let Some(cpus) = &self.cpus {
+            // SAFETY: `cpus` is a valid cpu_set_t of the right size; pid 0 is this thread.
+            let rc = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), cpus) };
+            if rc != 0 {
+                tracing::warn!(
+                    error = %std::io::Error::last_os_error(),
+                    "the storage writer stays on its shard's core"
+                );
+            }
         }
     }
 
@@ -911,6 +932,68 @@ impl Store {
             .meta
             .get(&rtxn, name.as_bytes())?
             .map(<[u8]>::to_vec))
+    }
+}
+
+/// The CPUs this thread may run on (`None` if the kernel would not say).
+fn allowed_cpus() -> Option<libc::cpu_set_t> {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set; the kernel fills it in.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a writable cpu_set_t of the size passed; pid 0 is this thread.
+    let rc = unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) };
+    (rc == 0).then_some(set)
+}
+
+/// `Durability::ProcessCrashSafe`'s fsync thread: syncs the environment at most
+/// `PERIODIC_SYNC` after the writer marked it dirty. fdatasync runs beside LMDB's page writes
+/// (it only flushes the file), so commits go on while a sync is in progress.
+struct Syncer {
+    dirty: Arc<AtomicBool>,
+    stop: Option<Sender<()>>,
+    join: Option<thread::JoinHandle<()>>,
+}
+
+impl Syncer {
+    fn start(store: &Store) -> Syncer {
+        let dirty = Arc::new(AtomicBool::new(false));
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let env = store.env.clone();
+        let flag = dirty.clone();
+        let cpus = store.cpus;
+        let join = thread::Builder::new()
+            .name("courier-syncer".into())
+            .spawn(move || {
+                if let Some(cpus) = &cpus {
+                    // SAFETY: as in `Store::unpin`.
+                    unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), cpus) };
+                }
+                // A disconnected stop channel (the writer is done) ends the loop.
+                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                    stop_rx.recv_timeout(PERIODIC_SYNC)
+                {
+                    if flag.swap(false, Ordering::AcqRel)
+                        && let Err(e) = env.force_sync()
+                    {
+                        tracing::error!(error = %e, "periodic fsync failed");
+                    }
+                }
+            })
+            .ok();
+        if join.is_none() {
+            tracing::error!("cannot start the periodic fsync thread: commits sync only at exit");
+        }
+        Syncer {
+            dirty,
+            stop: Some(stop_tx),
+            join,
+        }
+    }
+
+    fn stop(mut self) {
+        self.stop.take();
+        if let Some(join) = self.join.take() {
+            let _ = join.join();
+        }
     }
 }
 
