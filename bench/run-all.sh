@@ -61,3 +61,24 @@ fi
 if want compare; then
   $P compare --n 10000 $S1 --json $R/compare.json
 fi
+
+# ejabberd (bench/peers/ejabberd.sh installs it): pinned to cpu 0 like the others.
+if want ejabberd; then
+  for n in 1000 5000 10000; do
+    for r in $(seq 1 "$runs"); do
+      $P connect --target ejabberd --n $n --server-cpus 0 --hold 1 --json $R/connect-ejabberd-$n-$r.json
+    done
+  done
+  for r in $(seq 1 "$runs"); do
+    $P fanout --target ejabberd --server-cpus 0 --rate 0 --json $R/fanout-ejabberd-max-$r.json --svg $R/fanout-ejabberd-max-$r.svg
+  done
+fi
+if want ejabberd-half; then
+  # HALF_EJABBERD: half the median max send rate of the `ejabberd` part.
+  for r in $(seq 1 "$runs"); do
+    $P fanout --target ejabberd --server-cpus 0 --rate "${HALF_EJABBERD:?}" --json $R/fanout-ejabberd-half-$r.json --svg $R/fanout-ejabberd-half-$r.svg
+  done
+fi
+if want compare-ejabberd; then
+  $P compare --n 10000 $S1 --peers nats,ejabberd --json $R/compare-ejabberd.json
+fi

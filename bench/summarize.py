@@ -17,7 +17,7 @@ def kib(b):
 print("### connect (medians)\n")
 print("| server | N | runs | connects/s | RSS/conn KiB | anon/conn KiB | RSS after MiB | kernel slab/conn KiB (both ends) | sockstat TCP mem/conn KiB | failed |")
 print("|---|---|---|---|---|---|---|---|---|---|")
-for tag, label in [("s1", "courier 1 shard, cpu0"), ("s2", "courier 2 shards, unpinned"), ("nats", "nats-server, cpu0")]:
+for tag, label in [("s1", "courier 1 shard, cpu0"), ("s2", "courier 2 shards, unpinned"), ("nats", "nats-server, cpu0"), ("ejabberd", "ejabberd 23.01, cpu0")]:
     for n in [1000, 5000, 10000, 19000]:
         rs = load(f"connect-{tag}-{n}-*.json")
         if not rs:
@@ -53,7 +53,7 @@ def fan(pat, label):
 print("\n### fanout (medians; latency in ms; rate 0 = max)\n")
 print("| server | runs | rate msg/s | sends/s | deliveries/s | p50 | p90 | p99 | p99.9 | max | p99 all devices | p99 sent | server CPU µs/delivery | server CPU | bench CPU | lost |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-for tag, label in [("s1", "courier 1 shard, cpu0"), ("s2", "courier 2 shards, unpinned"), ("nats", "nats-server, cpu0")]:
+for tag, label in [("s1", "courier 1 shard, cpu0"), ("s2", "courier 2 shards, unpinned"), ("nats", "nats-server, cpu0"), ("ejabberd", "ejabberd 23.01, cpu0")]:
     for mode in ["max", "half"]:
         fan(f"fanout-{tag}-{mode}-*.json", f"{label}, {mode}")
 
