@@ -60,6 +60,12 @@ impl MsgIdMinter {
     }
 }
 
+/// The lowest id any shard mints at unix millisecond `ms`: every id below it was minted
+/// earlier (up to ids that borrowed from the future when a millisecond's counter ran out).
+pub fn first_id_at(ms: u64) -> MsgId {
+    MsgId(ms.saturating_sub(EPOCH_MS) << (SHARD_BITS + COUNTER_BITS))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,6 +84,14 @@ mod tests {
             assert!(seen.insert(id));
             assert!(seen.insert(b.mint(&clock).0));
         }
+    }
+
+    #[test]
+    fn ids_minted_after_a_moment_are_not_below_its_first_id() {
+        let at = 1_733_150_000_123;
+        let minter = MsgIdMinter::new(ShardId(5), None);
+        let id = minter.mint(&Clock::fixed(at));
+        assert!(first_id_at(at) <= id && id < first_id_at(at + 1));
     }
 
     #[test]

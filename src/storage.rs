@@ -12,7 +12,10 @@
 //! - `cursors`:      user \0 device                 → acked seq (u64 BE); a key = a linked device
 //! - `dedupe`:       user \0 device \0 client id    → msg id (u64 BE) ++ ts ms (u64 BE)
 //! - `dedupe_order`: user \0 device \0 order(u64 BE)→ client id (oldest first, for the window)
-//! - `msg_index`:    user \0 msg id(u64 BE)         → seq (u64 BE) of that message in the log
+//! - `msg_seq`:      msg id(u64 BE) user            → seq (u64 BE) of that message in the user's
+//!   log. Id first: ids grow with time, so a transaction's inserts land in the rightmost pages
+//!   instead of one page per recipient (keyed user-first, as the old `msg_index` was, it cost a
+//!   page write per recipient per commit). Point lookups only.
 //! - `chat_index`:   user \0 chat \0 seq(u64 BE)   → msg id (u64 BE): a chat in log order
 //!   (not id order: ids minted on different shards interleave), for history
 //! - `msg_changes`:  user \0 msg id(u64 BE)         → 'd' (deleted) or 'e' ++ latest body (edited)
@@ -135,6 +138,9 @@ pub enum WriteOp {
     UnlinkDevice { user: UserId, device: DeviceId },
     /// Delete `user`'s events with seq ≤ `through` (retention).
     PruneLog { user: UserId, through: Seq },
+    /// Forgets where messages older than `before` sit (at most `max` of them per commit): their
+    /// events are past retention, so lookups by id answer "unknown" as for any pruned event.
+    PruneMsgSeq { before: MsgId, max: usize },
     /// Store a group's membership record.
     PutGroup { group: String, record: Vec<u8> },
     /// The last member left: forget the group.
@@ -263,6 +269,14 @@ fn dedupe_order_key(user: &UserId, device: &DeviceId, order: u64) -> Vec<u8> {
     key
 }
 
+fn msg_seq_key(user: &UserId, msg: MsgId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(8 + user.as_str().len());
+    key.extend_from_slice(&msg.0.to_be_bytes());
+    key.extend_from_slice(user.as_str().as_bytes());
+    key
+}
+
+/// The key of `msg_changes` (user first: a user's changes are read together).
 fn msg_index_key(user: &UserId, msg: MsgId) -> Vec<u8> {
     let mut key = user_prefix(user);
     key.extend_from_slice(&msg.0.to_be_bytes());
@@ -300,7 +314,7 @@ struct Tables {
     cursors: Table,
     dedupe: Table,
     dedupe_order: Table,
-    msg_index: Table,
+    msg_seq: Table,
     pending: Table,
     meta: Table,
     chat_index: Table,
@@ -357,7 +371,7 @@ impl Store {
             cursors: env.create_database(&mut wtxn, Some("cursors"))?,
             dedupe: env.create_database(&mut wtxn, Some("dedupe"))?,
             dedupe_order: env.create_database(&mut wtxn, Some("dedupe_order"))?,
-            msg_index: env.create_database(&mut wtxn, Some("msg_index"))?,
+            msg_seq: env.create_database(&mut wtxn, Some("msg_seq"))?,
             pending: env.create_database(&mut wtxn, Some("pending"))?,
             meta: env.create_database(&mut wtxn, Some("meta"))?,
             chat_index: env.create_database(&mut wtxn, Some("chat_index"))?,
@@ -365,6 +379,7 @@ impl Store {
             watermarks: env.create_database(&mut wtxn, Some("watermarks"))?,
             groups: env.create_database(&mut wtxn, Some("groups"))?,
         };
+        migrate_msg_index(&env, &mut wtxn, tables.msg_seq)?;
         wtxn.commit()?;
         Ok(Store {
             env,
@@ -520,8 +535,8 @@ impl Store {
                     )?;
                 }
                 WriteOp::IndexMsg { user, msg, seq } => {
-                    t.msg_index
-                        .put(&mut wtxn, &msg_index_key(user, *msg), &seq.0.to_be_bytes())?;
+                    t.msg_seq
+                        .put(&mut wtxn, &msg_seq_key(user, *msg), &seq.0.to_be_bytes())?;
                 }
                 WriteOp::PutCursor { user, device, seq } => {
                     t.cursors
@@ -619,6 +634,19 @@ impl Store {
                 }
                 WriteOp::DeleteGroup { group } => {
                     t.groups.delete(&mut wtxn, group.as_bytes())?;
+                }
+                WriteOp::PruneMsgSeq { before, max } => {
+                    let upper = before.0.to_be_bytes();
+                    let mut entries = t.msg_seq.range_mut(
+                        &mut wtxn,
+                        &(Bound::Unbounded, Bound::Excluded(upper.as_slice())),
+                    )?;
+                    let mut deleted = 0;
+                    while deleted < *max && entries.next().transpose()?.is_some() {
+                        // SAFETY: no reference into the database is held across the delete.
+                        unsafe { entries.del_current()? };
+                        deleted += 1;
+                    }
                 }
                 WriteOp::PruneLog { user, through } => {
                     let start = log_key(user, Seq(0));
@@ -891,13 +919,20 @@ impl Store {
             .unwrap_or(0))
     }
 
+    /// Whether any message position older than `before` is stored (see `PruneMsgSeq`).
+    pub fn msg_seq_before(&self, before: MsgId) -> Result<bool, StoreError> {
+        let rtxn = self.env.read_txn()?;
+        Ok(self
+            .tables
+            .msg_seq
+            .first(&rtxn)?
+            .is_some_and(|(key, _)| key < before.0.to_be_bytes().as_slice()))
+    }
+
     /// Where message `msg` sits in `user`'s log, if it was delivered there.
     pub fn msg_index_get(&self, user: &UserId, msg: MsgId) -> Result<Option<Seq>, StoreError> {
         let rtxn = self.env.read_txn()?;
-        let value = self
-            .tables
-            .msg_index
-            .get(&rtxn, &msg_index_key(user, msg))?;
+        let value = self.tables.msg_seq.get(&rtxn, &msg_seq_key(user, msg))?;
         Ok(value.and_then(be_u64).map(Seq))
     }
 
@@ -933,6 +968,43 @@ impl Store {
             .get(&rtxn, name.as_bytes())?
             .map(<[u8]>::to_vec))
     }
+}
+
+/// Data dirs written before `msg_seq` existed keep their message positions in `msg_index`
+/// (user first): moves them over once, in the opening transaction, and drops the old table.
+fn migrate_msg_index(
+    env: &Env<WithoutTls>,
+    wtxn: &mut heed::RwTxn,
+    msg_seq: Table,
+) -> Result<(), StoreError> {
+    let Some(old) = env.open_database::<RawBytes, RawBytes>(wtxn, Some("msg_index"))? else {
+        return Ok(());
+    };
+    let mut moved = Vec::new();
+    for entry in old.iter(wtxn)? {
+        let (key, seq) = entry?;
+        // Old key: user \0 msg id(u64 BE); ids never contain NUL.
+        let Some(nul) = key.iter().position(|&b| b == 0) else {
+            continue;
+        };
+        let (user, msg) = (&key[..nul], &key[nul + 1..]);
+        if msg.len() != 8 {
+            continue;
+        }
+        let mut new_key = Vec::with_capacity(key.len() - 1);
+        new_key.extend_from_slice(msg);
+        new_key.extend_from_slice(user);
+        moved.push((new_key, seq.to_vec()));
+    }
+    for (key, seq) in &moved {
+        msg_seq.put(wtxn, key, seq)?;
+    }
+    // SAFETY: no reference into the old table outlives this call (heed's requirement).
+    unsafe { old.remove(wtxn)? };
+    if !moved.is_empty() {
+        tracing::info!(entries = moved.len(), "moved message positions to msg_seq");
+    }
+    Ok(())
 }
 
 /// The CPUs this thread may run on (`None` if the kernel would not say).
@@ -1040,6 +1112,74 @@ mod tests {
     fn keys_of_one_user_never_mix_with_a_longer_id() {
         // "bob\0..." sorts before "bobby\0..." so prefix scans stay within one user.
         assert!(log_key(&user("bob"), Seq(u64::MAX)) < log_key(&user("bobby"), Seq(0)));
+    }
+
+    #[test]
+    fn message_positions_of_an_old_data_dir_move_to_msg_seq_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // A data dir as written before `msg_seq`: positions keyed user \0 msg id.
+            let mut options = EnvOpenOptions::new().read_txn_without_tls();
+            options.map_size(1 << 24).max_dbs(16);
+            // SAFETY: the directory is opened once, here, and closed before the store opens it.
+            let env = unsafe { options.open(dir.path()).unwrap() };
+            let mut wtxn = env.write_txn().unwrap();
+            let old: Table = env.create_database(&mut wtxn, Some("msg_index")).unwrap();
+            let mut key = b"alice\0".to_vec();
+            key.extend_from_slice(&42u64.to_be_bytes());
+            old.put(&mut wtxn, &key, &7u64.to_be_bytes()).unwrap();
+            wtxn.commit().unwrap();
+            env.prepare_for_closing().wait();
+        }
+        let store = Store::open(dir.path(), 1 << 24, Durability::Fsync).unwrap();
+        assert_eq!(
+            store.msg_index_get(&user("alice"), MsgId(42)).unwrap(),
+            Some(Seq(7))
+        );
+        assert_eq!(store.msg_index_get(&user("bob"), MsgId(42)).unwrap(), None);
+        let rtxn = store.env.read_txn().unwrap();
+        let old = store
+            .env
+            .open_database::<RawBytes, RawBytes>(&rtxn, Some("msg_index"))
+            .unwrap();
+        assert!(old.is_none(), "the old table is dropped after the move");
+    }
+
+    #[test]
+    fn message_positions_before_an_id_are_pruned_a_bounded_slice_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 24, Durability::Fsync).unwrap();
+        let (alice, bob) = (user("alice"), user("bob"));
+        let index = (1..=5u64)
+            .flat_map(|i| {
+                [&alice, &bob].map(|u| WriteOp::IndexMsg {
+                    user: u.clone(),
+                    msg: MsgId(i),
+                    seq: Seq(i),
+                })
+            })
+            .collect();
+        let batch = |ops| WriteBatch {
+            id: 1,
+            epoch: 0,
+            ops,
+        };
+        store.commit(&[&batch(index)]).unwrap();
+        let prune = || {
+            batch(vec![WriteOp::PruneMsgSeq {
+                before: MsgId(4),
+                max: 3,
+            }])
+        };
+        store.commit(&[&prune()]).unwrap();
+        // Oldest first: ids 1 (both users) and 2 (alice) went; the bound kept the rest.
+        assert_eq!(store.msg_index_get(&bob, MsgId(1)).unwrap(), None);
+        assert_eq!(store.msg_index_get(&alice, MsgId(2)).unwrap(), None);
+        assert_eq!(store.msg_index_get(&bob, MsgId(2)).unwrap(), Some(Seq(2)));
+        assert!(store.msg_seq_before(MsgId(4)).unwrap());
+        store.commit(&[&prune()]).unwrap();
+        assert!(!store.msg_seq_before(MsgId(4)).unwrap());
+        assert_eq!(store.msg_index_get(&alice, MsgId(4)).unwrap(), Some(Seq(4)));
     }
 
     #[test]

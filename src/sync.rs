@@ -602,11 +602,21 @@ impl Shard {
                 }
             };
             resume = next;
-            if expired.is_empty() {
+            // Message positions older than the cutoff, a bounded slice per pass (ids grow with
+            // time, so they are the front of `msg_seq`).
+            let before = crate::msgid::first_id_at(cutoff);
+            let mut ops = Vec::new();
+            if self.store().msg_seq_before(before).unwrap_or(false) {
+                ops.push(WriteOp::PruneMsgSeq {
+                    before,
+                    max: self.config.prune_batch_events,
+                });
+            }
+            if ops.is_empty() && expired.is_empty() {
                 continue;
             }
-            let mut ops = Vec::with_capacity(expired.len());
             let mut actions = Vec::with_capacity(expired.len());
+            ops.reserve(expired.len());
             for (user, through) in expired {
                 ops.push(WriteOp::PruneLog {
                     user: user.clone(),
@@ -619,7 +629,7 @@ impl Shard {
             }
             tracing::debug!(
                 shard = self.id.0,
-                users = ops.len(),
+                users = actions.len(),
                 "pruning expired events"
             );
             self.stage(ops, actions);
