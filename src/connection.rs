@@ -6,29 +6,33 @@
 //! is read from the owner's log), and turning client frames into routed shard messages.
 //!
 //! Must not: hold user state (the owner has it) or decide anything an owner decides; keep a
-//! large buffer per idle socket; block on a slow socket without a bound (writes time out).
+//! buffer per idle socket; block on a slow socket without a bound (writes time out).
+//!
+//! Memory of an idle connection: tungstenite and glommio's stream are used only for the
+//! upgrade. After it the connection keeps its raw socket, registered edge-triggered in one
+//! epoll set per shard (whose poller task marks `ConnShared::readiness` and wakes the
+//! connection), and frames WebSocket itself: no read buffer, write buffer, armed io_uring
+//! source or waker proxy exists while a socket is quiet.
 
+use std::cell::RefCell;
 use std::future::{Future, poll_fn};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::pin::pin;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use async_tungstenite::WebSocketStream;
 use bytes::Bytes;
 use futures_util::future::{Either, select};
-use futures_util::{AsyncReadExt, SinkExt, StreamExt};
+use futures_util::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use glommio::timer::Timer;
-use tungstenite::error::ProtocolError;
 use tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tungstenite::protocol::WebSocketConfig;
-use tungstenite::protocol::frame::CloseFrame;
-use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use crate::auth::Credentials;
-use crate::ids::{ChatId, MsgId, Seq};
+use crate::ids::{ChatId, ConnId, MsgId, Seq};
 use crate::metrics::ShardMetrics;
 use crate::protocol::{
     ClientFrame, ErrorCode, FrameError, decode_client_frame, encode_hello, encode_history,
@@ -38,16 +42,22 @@ use crate::router::{ConnItem, ShardMsg};
 use crate::shard::{ConnShared, Shard};
 use crate::storage::{MsgChange, StoreError};
 
-type Ws = WebSocketStream<TcpStream>;
-
-/// Per-connection read buffer. tungstenite's default (128 KiB, always resident) would dominate
-/// the memory of an idle connection.
-/// 512 bytes holds any usual client frame (an ack is ~25 bytes, a short send ~100); larger
-/// frames are read in 512-byte steps into a buffer that grows for them.
-const READ_BUFFER_BYTES: usize = 512;
+/// Read buffer of the upgrade (tungstenite's default, 128 KiB, would be resident per socket).
+/// The buffer lives only while the handshake runs.
+const HANDSHAKE_READ_BUFFER_BYTES: usize = 512;
+/// Bytes asked of the socket per read once upgraded; the buffer exists only while a frame is
+/// incomplete or being handled, never while the socket is quiet.
+const READ_CHUNK_BYTES: usize = 4096;
 /// Frames are written through as soon as this much is buffered; the rest is flushed once per
-/// drained batch of outbound items (several frames per syscall under load).
+/// drained batch of outbound items (several frames per syscall under load). The buffer is
+/// freed after each flush.
 const WRITE_BUFFER_BYTES: usize = 8192;
+/// `ConnShared::readiness` bit: the socket may have bytes (or EOF) to read.
+pub const READABLE: u8 = 1;
+/// `ConnShared::readiness` bit: the socket may accept bytes.
+pub const WRITABLE: u8 = 2;
+/// Readiness events taken from the shard's epoll set per `epoll_wait`.
+const READINESS_EVENTS_MAX: usize = 256;
 /// How long the owner may take to answer `Attach` before the connection gives up (1011).
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a close handshake may take before the socket is dropped.
@@ -68,6 +78,7 @@ pub async fn with_timeout<T>(limit: Duration, f: impl Future<Output = T>) -> Opt
 }
 
 /// How a session ended, for the log and for the close frame.
+#[derive(Debug)]
 enum End {
     /// Send this close frame, then finish the close handshake.
     Close(u16, String),
@@ -78,7 +89,6 @@ enum End {
 /// Serves one accepted TCP connection to its end.
 pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
-    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
     let peer = stream.peer_addr().ok();
     let accepted = Instant::now();
     match Box::pin(plain_http(&shard, &stream)).await {
@@ -89,27 +99,50 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
         }
         Ok(None) => {}
     }
-    let Some((ws, creds)) = Box::pin(handshake(&shard, stream, accepted)).await else {
+    let Some((fd, creds)) = Box::pin(handshake(&shard, stream, accepted)).await else {
         return;
     };
     ShardMetrics::count(&shard.metrics.handshakes_total);
     let Some(conn) = shard.register_conn(creds.user.clone(), creds.device.clone()) else {
         tracing::warn!(?peer, "connection limit of this shard reached");
-        let mut ws = ws;
-        Box::pin(close(&mut ws, 1013, "server at its connection limit")).await;
+        Box::pin(close(
+            &fd,
+            Vec::new(),
+            1013,
+            "server at its connection limit",
+        ))
+        .await;
         return;
     };
+    if let Err(error) = watch(&shard, &fd, conn.id) {
+        tracing::error!(%error, "cannot watch the socket for readiness");
+        shard.unregister_conn(&conn, false);
+        return;
+    }
+    conn.readiness.set(READABLE | WRITABLE);
     tracing::info!(?peer, user = %creds.user, device = %creds.device, shard = shard.id.0, "connected");
-    let mut session = Session {
-        shard: shard.clone(),
-        conn: conn.clone(),
-        ws,
+    let session = Session {
+        shard,
+        conn,
+        socket: Socket::new(fd),
         next: Seq(1),
         attached: false,
     };
+    // The session gets a task of its own: this one's state (the glommio stream it was handed,
+    // which an async fn keeps for its whole life) is freed instead of idling with the socket.
+    glommio::spawn_local(live(session, creds, peer)).detach();
+}
+
+/// Runs an upgraded, registered connection to its end. Its future is what an idle connection
+/// costs, so everything but the wait is boxed.
+async fn live(mut session: Session, creds: Credentials, peer: Option<std::net::SocketAddr>) {
     let end = session.run().await;
     let Session {
-        mut ws, attached, ..
+        shard,
+        conn,
+        socket,
+        attached,
+        ..
     } = session;
     shard.unregister_conn(&conn, attached);
     let code = match end {
@@ -117,7 +150,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
             if code == 4009 {
                 ShardMetrics::count(&shard.metrics.slow_consumer_closes_total);
             }
-            Box::pin(close(&mut ws, code, &reason)).await;
+            Box::pin(close(&socket.fd, socket.outbound, code, &reason)).await;
             Some(code)
         }
         End::Gone => None,
@@ -202,12 +235,14 @@ async fn serve_asset(mut stream: TcpStream, answer: PlainAnswer) {
 
 /// Upgrades the connection, checking credentials inside the handshake (401 before upgrade).
 /// The whole upgrade, peek included, must finish within `handshake_timeout` of `accepted`
-/// (a slowloris client trickling its headers is cut off there).
+/// (a slowloris client trickling its headers is cut off there). Returns the upgraded socket
+/// without tungstenite's or glommio's per-stream state: a client sends no frame before it has
+/// the server's answer (RFC 6455 4.1), so nothing read ahead is lost with them.
 async fn handshake(
     shard: &Shard,
     stream: TcpStream,
     accepted: Instant,
-) -> Option<(Ws, Credentials)> {
+) -> Option<(OwnedFd, Credentials)> {
     let mut creds = None;
     // The error type is tungstenite's (an HTTP response); its size is not ours to choose.
     #[allow(clippy::result_large_err)]
@@ -235,16 +270,24 @@ async fn handshake(
         }
     };
     let config = WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(WRITE_BUFFER_BYTES)
-        .max_write_buffer_size(shard.config.outbound_queue_max_bytes + WRITE_BUFFER_BYTES)
-        .max_message_size(Some(shard.config.max_frame_bytes))
-        .max_frame_size(Some(shard.config.max_frame_bytes));
+        .read_buffer_size(HANDSHAKE_READ_BUFFER_BYTES)
+        .write_buffer_size(0);
     let upgrade = async_tungstenite::accept_hdr_async_with_config(stream, callback, Some(config));
     let left =
         (accepted + shard.config.handshake_timeout).saturating_duration_since(Instant::now());
     match with_timeout(left, upgrade).await {
-        Some(Ok(ws)) => creds.map(|c| (ws, c)),
+        Some(Ok(ws)) => {
+            // Our own descriptor of the socket; dropping `ws` closes glommio's.
+            let fd = duplicate(ws.get_ref().as_raw_fd());
+            drop(ws);
+            match fd {
+                Ok(fd) => creds.map(|c| (fd, c)),
+                Err(error) => {
+                    tracing::error!(%error, "cannot keep the upgraded socket");
+                    None
+                }
+            }
+        }
         Some(Err(e)) => {
             tracing::debug!(error = %e, "handshake failed");
             None
@@ -263,46 +306,476 @@ fn http_error(status: u16, body: &str) -> ErrorResponse {
     response
 }
 
-/// Sends a close frame and waits (bounded) for the peer to finish the close handshake, so the
-/// close frame is not lost to a reset.
-async fn close(ws: &mut Ws, code: u16, reason: &str) {
-    let frame = CloseFrame {
-        code: CloseCode::from(code),
-        reason: Utf8Bytes::from(reason),
+/// A descriptor of the same socket, close-on-exec.
+fn duplicate(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) returns a new descriptor that we then own alone.
+    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if dup < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(unsafe { OwnedFd::from_raw_fd(dup) })
+}
+
+/// Sends `pending` frames and a close frame, then waits (bounded) for the peer to finish the
+/// close handshake, so the close frame is not lost to a reset. Runs on a glommio stream of a
+/// duplicate descriptor: the connection is no longer registered for readiness by then.
+async fn close(fd: &OwnedFd, mut pending: Vec<u8>, code: u16, reason: &str) {
+    let mut payload = code.to_be_bytes().to_vec();
+    // A control frame carries at most 125 bytes; cut the reason on a char boundary.
+    let mut cut = reason.len().min(123);
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    payload.extend_from_slice(&reason.as_bytes()[..cut]);
+    encode_frame(&mut pending, OPCODE_CLOSE, &payload);
+    let Ok(dup) = fd.try_clone() else {
+        return;
     };
+    // SAFETY: `dup` is a socket descriptor owned by nothing else.
+    let mut stream = unsafe { TcpStream::from_raw_fd(dup.into_raw_fd()) };
     let finish = async {
-        if ws.close(Some(frame)).await.is_err() {
+        if stream.write_all(&pending).await.is_err() {
             return;
         }
-        // Read until the peer's close or EOF; after a protocol error tungstenite may refuse to
-        // read frames, so discard raw bytes then.
+        // Read until the peer's close or EOF; after a protocol error frames cannot be told
+        // apart any more, so discard raw bytes then.
+        let mut reader = FrameReader::default();
+        let mut framed = true;
+        let mut chunk = [0u8; 1024];
         loop {
-            match ws.next().await {
-                Some(Ok(_)) => continue,
-                Some(Err(_)) => break,
-                None => return,
-            }
-        }
-        let mut sink = [0u8; 1024];
-        while let Ok(n) = ws.get_mut().read(&mut sink).await {
-            if n == 0 {
-                break;
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) if framed => {
+                    reader.inbound.extend_from_slice(&chunk[..n]);
+                    loop {
+                        match reader.next(usize::MAX) {
+                            Ok(Some(Inbound::Close)) => return,
+                            Ok(Some(_)) => continue,
+                            Ok(None) => break,
+                            Err(_) => {
+                                framed = false;
+                                break;
+                            }
+                        }
+                    }
+                }
+                Ok(_) => {}
             }
         }
     };
     let _ = with_timeout(CLOSE_TIMEOUT, finish).await;
 }
 
+// -------------------------------------------------------------------------------------------
+// Readiness: one epoll set per shard.
+
+/// The shard's epoll set, and the shard whose connections it reports on.
+struct Readiness {
+    shard: Weak<Shard>,
+    epoll: OwnedFd,
+}
+
+thread_local! {
+    /// This thread's readiness set (a shard thread serves one shard; a new shard on the same
+    /// thread gets a new set).
+    static READINESS: RefCell<Option<Rc<Readiness>>> = const { RefCell::new(None) };
+}
+
+/// Registers an upgraded socket in the shard's epoll set (edge-triggered, both directions),
+/// tagged with its connection id. Creates the set and its poller on first use.
+fn watch(shard: &Rc<Shard>, fd: &OwnedFd, conn: ConnId) -> io::Result<()> {
+    let readiness = READINESS.with(|slot| -> io::Result<Rc<Readiness>> {
+        let mut slot = slot.borrow_mut();
+        if let Some(existing) = &*slot
+            && std::ptr::eq(existing.shard.as_ptr(), Rc::as_ptr(shard))
+        {
+            return Ok(existing.clone());
+        }
+        // SAFETY: plain syscall; the descriptor it returns is owned here.
+        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epoll < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let readiness = Rc::new(Readiness {
+            shard: Rc::downgrade(shard),
+            epoll: unsafe { OwnedFd::from_raw_fd(epoll) },
+        });
+        glommio::spawn_local(poll_readiness(readiness.clone())).detach();
+        *slot = Some(readiness.clone());
+        Ok(readiness)
+    })?;
+    let mut event = libc::epoll_event {
+        events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+        u64: conn.0,
+    };
+    // SAFETY: both descriptors are open; `event` outlives the call.
+    let added = unsafe {
+        libc::epoll_ctl(
+            readiness.epoll.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
+            fd.as_raw_fd(),
+            &mut event,
+        )
+    };
+    if added < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The shard's readiness poller: waits (through io_uring) until the epoll set has events, then
+/// marks each connection's readiness and wakes it. One task per shard; it ends with the shard.
+async fn poll_readiness(readiness: Rc<Readiness>) {
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; READINESS_EVENTS_MAX];
+    loop {
+        if let Err(error) = epoll_ready(readiness.epoll.as_raw_fd()).await {
+            tracing::error!(%error, "waiting on the readiness set failed");
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
+        let Some(shard) = readiness.shard.upgrade() else {
+            return;
+        };
+        loop {
+            // SAFETY: `events` has room for READINESS_EVENTS_MAX entries; timeout 0 never blocks.
+            let n = unsafe {
+                libc::epoll_wait(
+                    readiness.epoll.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    READINESS_EVENTS_MAX as i32,
+                    0,
+                )
+            };
+            if n <= 0 {
+                break;
+            }
+            mark_ready(&shard, &events[..n as usize]);
+            if (n as usize) < READINESS_EVENTS_MAX {
+                break;
+            }
+            glommio::yield_if_needed().await;
+        }
+    }
+}
+
+/// Marks each reported connection's readiness and wakes it.
+fn mark_ready(shard: &Shard, events: &[libc::epoll_event]) {
+    let conns = shard.conns.borrow();
+    for event in events {
+        // A connection that is gone (ids are never reused) needs nothing.
+        let Some(conn) = conns.get(&ConnId(event.u64)) else {
+            continue;
+        };
+        let flags = event.events as i32;
+        let mut ready = 0;
+        if flags & (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) != 0 {
+            ready |= READABLE;
+        }
+        if flags & (libc::EPOLLOUT | libc::EPOLLHUP | libc::EPOLLERR) != 0 {
+            ready |= WRITABLE;
+        }
+        conn.readiness.set(conn.readiness.get() | ready);
+        conn.notify.notify();
+    }
+}
+
+/// Resolves once the epoll set `epoll` has events. glommio has no public "wait until this
+/// descriptor is readable", but its stream arms exactly that (an io_uring poll) when created;
+/// reading an epoll descriptor then fails with ENOTSOCK, which is the signal.
+async fn epoll_ready(epoll: RawFd) -> io::Result<()> {
+    let dup = duplicate(epoll)?;
+    // SAFETY: `dup` is owned by nothing else; the stream closes it.
+    let mut probe = unsafe { TcpStream::from_raw_fd(dup.into_raw_fd()) };
+    let mut byte = [0u8; 1];
+    match probe.read(&mut byte).await {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSOCK) => Ok(()),
+        Err(e) => Err(e),
+        Ok(_) => Err(io::Error::other("an epoll descriptor gave bytes")),
+    }
+}
+
+// -------------------------------------------------------------------------------------------
+// WebSocket framing (RFC 6455, server side, no extensions).
+
+const OPCODE_CONTINUATION: u8 = 0x0;
+const OPCODE_TEXT: u8 = 0x1;
+const OPCODE_BINARY: u8 = 0x2;
+const OPCODE_CLOSE: u8 = 0x8;
+const OPCODE_PING: u8 = 0x9;
+const OPCODE_PONG: u8 = 0xA;
+
+/// Appends one unmasked, final server frame.
+fn encode_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+    out.reserve(payload.len() + 10);
+    out.push(0x80 | opcode);
+    match payload.len() {
+        n if n < 126 => out.push(n as u8),
+        n if n <= usize::from(u16::MAX) => {
+            out.push(126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(payload);
+}
+
+/// A complete message or control frame from the client.
+#[derive(Debug, PartialEq)]
+enum Inbound {
+    Text(Vec<u8>),
+    Binary,
+    Ping(Vec<u8>),
+    Pong,
+    Close,
+}
+
+/// Client frames not handled yet. Both buffers are empty and unallocated between frames.
+#[derive(Default)]
+struct FrameReader {
+    /// Bytes received and not yet taken as frames.
+    inbound: Vec<u8>,
+    /// A fragmented data message so far.
+    fragments: Vec<u8>,
+    /// The opcode of the fragmented message (`OPCODE_CONTINUATION` when there is none).
+    fragmented: u8,
+}
+
+impl FrameReader {
+    /// Takes the next complete message or control frame from `inbound`; `None` when more bytes
+    /// are needed. Frames and messages over `max_bytes` end the connection with 1009.
+    fn next(&mut self, max_bytes: usize) -> Result<Option<Inbound>, End> {
+        loop {
+            let buf = &self.inbound;
+            if buf.len() < 2 {
+                return Ok(None);
+            }
+            let (fin, rsv, opcode) = (buf[0] & 0x80 != 0, buf[0] & 0x70, buf[0] & 0x0F);
+            let (masked, short) = (buf[1] & 0x80 != 0, buf[1] & 0x7F);
+            if rsv != 0 {
+                return Err(protocol_error("reserved bits are set"));
+            }
+            if !masked {
+                return Err(protocol_error("a client frame is not masked"));
+            }
+            let (length_bytes, mut length) = match short {
+                126 => (2, 0),
+                127 => (8, 0),
+                n => (0, u64::from(n)),
+            };
+            let header = 2 + length_bytes + 4;
+            if buf.len() < header {
+                return Ok(None);
+            }
+            if length_bytes > 0 {
+                length = buf[2..2 + length_bytes]
+                    .iter()
+                    .fold(0u64, |n, b| (n << 8) | u64::from(*b));
+            }
+            let control = opcode & 0x8 != 0;
+            if control && (!fin || length > 125) {
+                return Err(protocol_error("a control frame is fragmented or too long"));
+            }
+            if !matches!(
+                opcode,
+                OPCODE_CONTINUATION
+                    | OPCODE_TEXT
+                    | OPCODE_BINARY
+                    | OPCODE_CLOSE
+                    | OPCODE_PING
+                    | OPCODE_PONG
+            ) {
+                return Err(protocol_error("unknown opcode"));
+            }
+            let gathered = if control { 0 } else { self.fragments.len() };
+            if length > (max_bytes.saturating_sub(gathered)) as u64 {
+                return Err(End::Close(
+                    1009,
+                    format!("frame too large: over {max_bytes} bytes"),
+                ));
+            }
+            let length = length as usize;
+            if buf.len() < header + length {
+                // Room for the rest of this frame, asked of the socket in one go.
+                self.inbound.reserve(header + length - buf.len());
+                return Ok(None);
+            }
+            let mask: [u8; 4] = buf[header - 4..header].try_into().expect("four bytes");
+            let mut payload: Vec<u8> = buf[header..header + length]
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b ^ mask[i % 4])
+                .collect();
+            self.inbound.drain(..header + length);
+            if self.inbound.is_empty() {
+                self.inbound = Vec::new();
+            }
+            match opcode {
+                OPCODE_CLOSE => {
+                    if payload.len() == 1 {
+                        return Err(protocol_error("a close frame of one byte"));
+                    }
+                    return Ok(Some(Inbound::Close));
+                }
+                OPCODE_PING => return Ok(Some(Inbound::Ping(payload))),
+                OPCODE_PONG => return Ok(Some(Inbound::Pong)),
+                OPCODE_CONTINUATION => {
+                    if self.fragmented == OPCODE_CONTINUATION {
+                        return Err(protocol_error("a continuation without a first fragment"));
+                    }
+                    self.fragments.append(&mut payload);
+                    if !fin {
+                        continue;
+                    }
+                    payload = std::mem::take(&mut self.fragments);
+                }
+                _ => {
+                    if self.fragmented != OPCODE_CONTINUATION {
+                        return Err(protocol_error("a new message inside a fragmented one"));
+                    }
+                    if !fin {
+                        self.fragmented = opcode;
+                        self.fragments = payload;
+                        continue;
+                    }
+                }
+            }
+            let kind = if opcode == OPCODE_CONTINUATION {
+                std::mem::replace(&mut self.fragmented, OPCODE_CONTINUATION)
+            } else {
+                opcode
+            };
+            if kind == OPCODE_BINARY {
+                return Ok(Some(Inbound::Binary));
+            }
+            if std::str::from_utf8(&payload).is_err() {
+                return Err(End::Close(1007, "text frame is not valid UTF-8".into()));
+            }
+            return Ok(Some(Inbound::Text(payload)));
+        }
+    }
+}
+
+fn protocol_error(what: &str) -> End {
+    End::Close(1002, format!("protocol error: {what}"))
+}
+
+/// An upgraded socket, framed here. Idle, it is a descriptor and empty buffers.
+struct Socket {
+    fd: OwnedFd,
+    reader: FrameReader,
+    /// Encoded frames not written yet (freed after each flush).
+    outbound: Vec<u8>,
+}
+
+impl Socket {
+    fn new(fd: OwnedFd) -> Self {
+        Socket {
+            fd,
+            reader: FrameReader::default(),
+            outbound: Vec::new(),
+        }
+    }
+
+    /// Reads what the socket has into the frame reader. `Ok(false)`: it would block (the
+    /// readable bit is cleared); `Err(End::Gone)`: EOF or a socket error.
+    fn fill(&mut self, conn: &ConnShared) -> Result<bool, End> {
+        let inbound = &mut self.reader.inbound;
+        inbound.reserve(READ_CHUNK_BYTES);
+        let spare = inbound.spare_capacity_mut();
+        // SAFETY: recv writes at most `spare.len()` bytes into the spare capacity.
+        let n = unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n > 0 {
+            // SAFETY: the kernel initialised `n` bytes past the length.
+            unsafe { inbound.set_len(inbound.len() + n as usize) };
+            return Ok(true);
+        }
+        if inbound.is_empty() {
+            *inbound = Vec::new();
+        }
+        if n == 0 {
+            return Err(End::Gone);
+        }
+        match io::Error::last_os_error().kind() {
+            io::ErrorKind::WouldBlock => {
+                conn.readiness.set(conn.readiness.get() & !READABLE);
+                Ok(false)
+            }
+            io::ErrorKind::Interrupted => Ok(true),
+            _ => Err(End::Gone),
+        }
+    }
+
+    /// Queues a frame; writes through once `WRITE_BUFFER_BYTES` are queued.
+    async fn feed(&mut self, conn: &ConnShared, opcode: u8, payload: &[u8]) -> Result<(), ()> {
+        encode_frame(&mut self.outbound, opcode, payload);
+        if self.outbound.len() >= WRITE_BUFFER_BYTES {
+            self.flush(conn).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes every queued byte, waiting for the socket when it is full; a socket that takes
+    /// no byte for `WRITE_TIMEOUT` fails. Frees the buffer afterwards.
+    async fn flush(&mut self, conn: &ConnShared) -> Result<(), ()> {
+        let mut written = 0;
+        let mut deadline = Instant::now() + WRITE_TIMEOUT;
+        while written < self.outbound.len() {
+            if conn.readiness.get() & WRITABLE == 0 {
+                let left = deadline.saturating_duration_since(Instant::now());
+                // A wake-up may also be an outbound item; the loop looks at the bit again.
+                if left.is_zero() || with_timeout(left, conn.notify.wait()).await.is_none() {
+                    return Err(());
+                }
+                continue;
+            }
+            let rest = &self.outbound[written..];
+            // SAFETY: `rest` is valid for `rest.len()` bytes.
+            let n = unsafe {
+                libc::send(
+                    self.fd.as_raw_fd(),
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n >= 0 {
+                written += n as usize;
+                deadline = Instant::now() + WRITE_TIMEOUT;
+                continue;
+            }
+            match io::Error::last_os_error().kind() {
+                io::ErrorKind::WouldBlock => {
+                    conn.readiness.set(conn.readiness.get() & !WRITABLE);
+                }
+                io::ErrorKind::Interrupted => {}
+                _ => return Err(()),
+            }
+        }
+        self.outbound = Vec::new();
+        Ok(())
+    }
+}
+
 /// What woke the session.
 enum Wake {
     Outbox,
-    Inbound(Option<Result<Message, WsError>>),
+    Inbound(Inbound),
+    End(End),
 }
 
 struct Session {
     shard: Rc<Shard>,
     conn: Rc<ConnShared>,
-    ws: Ws,
+    socket: Socket,
     /// The next seq this connection must send: events below it were sent, none above it yet.
     next: Seq,
     /// The owner registered this device (so it must be told when the connection ends).
@@ -324,21 +797,29 @@ impl Session {
                         return end;
                     }
                 }
-                Wake::Inbound(None) => return End::Gone,
-                Wake::Inbound(Some(Ok(message))) => {
+                Wake::End(end) => return end,
+                Wake::Inbound(message) => {
                     self.conn.last_rx.set(Instant::now());
                     self.conn.pinged.set(false);
                     match message {
-                        Message::Text(text) => self.on_text(text.as_bytes()),
-                        Message::Binary(_) => self.reply_error(FrameError::new(
+                        Inbound::Text(text) => self.on_text(&text),
+                        Inbound::Binary => self.reply_error(FrameError::new(
                             ErrorCode::BadFrame,
                             "binary frames are not accepted; send JSON text frames",
                         )),
-                        Message::Close(_) => return End::Gone,
-                        Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+                        Inbound::Close => {
+                            // Answer the peer's close (best effort), then drop the socket.
+                            let _ = Box::pin(self.answer(OPCODE_CLOSE, &[])).await;
+                            return End::Gone;
+                        }
+                        Inbound::Ping(payload) => {
+                            if Box::pin(self.answer(OPCODE_PONG, &payload)).await.is_err() {
+                                return End::Gone;
+                            }
+                        }
+                        Inbound::Pong => {}
                     }
                 }
-                Wake::Inbound(Some(Err(error))) => return end_for_error(error),
             }
         }
     }
@@ -399,31 +880,40 @@ impl Session {
         self.conn.catching_up.set(true);
         let caught_up = self.replay(head).await;
         self.conn.catching_up.set(false);
-        if caught_up.is_err() || self.ws.flush().await.is_err() {
+        if caught_up.is_err() || self.socket.flush(&self.conn).await.is_err() {
             return Some(End::Gone);
         }
         None
     }
 
     /// Waits for outbound items or an inbound frame. Cancel-safe by construction: the outbox is
-    /// a queue that only `pop` drains, and the WebSocket keeps partial frames in itself.
+    /// a queue that only `pop` drains, and partial frames stay in the frame reader.
     async fn wait(&mut self) -> Wake {
         let conn = self.conn.clone();
-        let ws = &mut self.ws;
+        let socket = &mut self.socket;
+        let max_bytes = self.shard.config.max_frame_bytes;
+        let next = self.next;
         poll_fn(|cx| {
             loop {
-                if !conn.is_empty() || conn.dropped_through.get() >= self.next {
+                if !conn.is_empty() || conn.dropped_through.get() >= next {
                     return Poll::Ready(Wake::Outbox);
                 }
-                // Pending means the waker is registered; Ready consumed a notification, so
-                // look at the queue again.
-                if conn.notify.poll_notified(cx.waker()).is_pending() {
-                    break;
+                match socket.reader.next(max_bytes) {
+                    Ok(Some(message)) => return Poll::Ready(Wake::Inbound(message)),
+                    Err(end) => return Poll::Ready(Wake::End(end)),
+                    Ok(None) => {}
                 }
-            }
-            match ws.poll_next_unpin(cx) {
-                Poll::Ready(message) => Poll::Ready(Wake::Inbound(message)),
-                Poll::Pending => Poll::Pending,
+                if conn.readiness.get() & READABLE != 0 {
+                    match socket.fill(&conn) {
+                        Ok(_) => continue,
+                        Err(end) => return Poll::Ready(Wake::End(end)),
+                    }
+                }
+                // Pending means the waker is registered; Ready consumed a notification (an
+                // outbound item or readiness), so look again.
+                if conn.notify.poll_notified(cx.waker()).is_pending() {
+                    return Poll::Pending;
+                }
             }
         })
         .await
@@ -439,11 +929,7 @@ impl Session {
                 ConnItem::Event { seq, record } => self.send_event(seq, record).await,
                 ConnItem::Frame(frame) => self.feed(frame).await,
                 ConnItem::Close { code, reason } => return Some(End::Close(code, reason.into())),
-                ConnItem::Ping => self
-                    .ws
-                    .feed(Message::Ping(Bytes::new()))
-                    .await
-                    .map_err(|_| ()),
+                ConnItem::Ping => self.socket.feed(&self.conn, OPCODE_PING, &[]).await,
                 ConnItem::Refused { close_code, error } => {
                     return Some(End::Close(close_code, error.reason));
                 }
@@ -458,7 +944,7 @@ impl Session {
         if dropped >= self.next && self.replay(dropped).await.is_err() {
             return Some(End::Gone);
         }
-        if self.ws.flush().await.is_err() {
+        if self.socket.flush(&self.conn).await.is_err() {
             return Some(End::Gone);
         }
         None
@@ -504,7 +990,7 @@ impl Session {
                 self.feed(record).await?;
             }
             self.next = last.next();
-            self.ws.flush().await.map_err(|_| ())?;
+            self.socket.flush(&self.conn).await?;
             glommio::yield_if_needed().await;
         }
         Ok(())
@@ -512,15 +998,22 @@ impl Session {
 
     async fn feed(&mut self, frame: Bytes) -> Result<(), ()> {
         ShardMetrics::count(&self.shard.metrics.frames_out_total);
-        let text = Utf8Bytes::try_from(frame).map_err(|_| {
+        if std::str::from_utf8(&frame).is_err() {
             tracing::error!("refusing to send a frame that is not UTF-8");
-        })?;
-        self.ws.feed(Message::Text(text)).await.map_err(|_| ())
+            return Err(());
+        }
+        self.socket.feed(&self.conn, OPCODE_TEXT, &frame).await
+    }
+
+    /// Writes a control frame now.
+    async fn answer(&mut self, opcode: u8, payload: &[u8]) -> Result<(), ()> {
+        self.socket.feed(&self.conn, opcode, payload).await?;
+        self.socket.flush(&self.conn).await
     }
 
     async fn write_frame(&mut self, frame: Bytes) -> Result<(), ()> {
         self.feed(frame).await?;
-        self.ws.flush().await.map_err(|_| ())
+        self.socket.flush(&self.conn).await
     }
 
     fn reply_error(&self, error: FrameError) {
@@ -769,13 +1262,144 @@ impl Session {
     }
 }
 
-/// Maps a WebSocket read error to how the session ends.
-fn end_for_error(error: WsError) -> End {
-    match error {
-        WsError::Capacity(e) => End::Close(1009, format!("frame too large: {e}")),
-        WsError::Utf8(_) => End::Close(1007, "text frame is not valid UTF-8".into()),
-        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => End::Gone,
-        WsError::Protocol(e) => End::Close(1002, format!("protocol error: {e}")),
-        _ => End::Gone,
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A masked client frame.
+    fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x12, 0x34, 0x56, 0x78];
+        let mut out = vec![first];
+        match payload.len() {
+            n if n < 126 => out.push(0x80 | n as u8),
+            n if n <= 0xFFFF => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    fn reader_with(bytes: &[u8]) -> FrameReader {
+        FrameReader {
+            inbound: bytes.to_vec(),
+            ..FrameReader::default()
+        }
+    }
+
+    fn close_code(result: Result<Option<Inbound>, End>) -> u16 {
+        match result {
+            Err(End::Close(code, _)) => code,
+            other => panic!("expected a close, got {:?}", other.map(|_| ()).is_ok()),
+        }
+    }
+
+    #[test]
+    fn frames_arrive_whole_even_byte_by_byte_and_buffers_are_freed() {
+        let mut bytes = client_frame(0x81, b"{\"t\":\"ack\",\"seq\":1}");
+        bytes.extend(client_frame(0x89, b"hi"));
+        bytes.extend(client_frame(0x81, &[b'x'; 300]));
+        let mut reader = FrameReader::default();
+        let mut seen = Vec::new();
+        for byte in bytes {
+            reader.inbound.push(byte);
+            while let Some(message) = reader.next(1024).unwrap() {
+                seen.push(message);
+            }
+        }
+        assert_eq!(
+            seen,
+            vec![
+                Inbound::Text(b"{\"t\":\"ack\",\"seq\":1}".to_vec()),
+                Inbound::Ping(b"hi".to_vec()),
+                Inbound::Text(vec![b'x'; 300]),
+            ]
+        );
+        assert_eq!(
+            reader.inbound.capacity(),
+            0,
+            "an idle reader holds no buffer"
+        );
+        assert_eq!(reader.fragments.capacity(), 0);
+    }
+
+    #[test]
+    fn fragments_join_and_control_frames_pass_between_them() {
+        let mut bytes = client_frame(0x01, b"{\"t\":");
+        bytes.extend(client_frame(0x8A, b""));
+        bytes.extend(client_frame(0x80, b"\"devices\"}"));
+        let mut reader = reader_with(&bytes);
+        assert_eq!(reader.next(1024).unwrap(), Some(Inbound::Pong));
+        assert_eq!(
+            reader.next(1024).unwrap(),
+            Some(Inbound::Text(b"{\"t\":\"devices\"}".to_vec()))
+        );
+        assert_eq!(reader.next(1024).unwrap(), None);
+    }
+
+    #[test]
+    fn bad_frames_close_with_their_codes() {
+        assert_eq!(
+            close_code(reader_with(&client_frame(0x81, &[0xC3, 0x28])).next(64)),
+            1007
+        );
+        assert_eq!(
+            close_code(reader_with(&client_frame(0x81, &[b'a'; 65])).next(64)),
+            1009
+        );
+        let mut two = client_frame(0x01, &[b'a'; 40]);
+        two.extend(client_frame(0x80, &[b'a'; 40]));
+        assert_eq!(
+            close_code(reader_with(&two).next(64)),
+            1009,
+            "a message over the bound"
+        );
+        assert_eq!(
+            close_code(reader_with(&client_frame(0xC1, b"x")).next(64)),
+            1002
+        );
+        assert_eq!(
+            close_code(reader_with(&client_frame(0x80, b"x")).next(64)),
+            1002
+        );
+        assert_eq!(
+            close_code(reader_with(&client_frame(0x09, b"x")).next(64)),
+            1002
+        );
+        assert_eq!(
+            close_code(reader_with(&[0x81, 0x01, b'x']).next(64)),
+            1002,
+            "unmasked"
+        );
+        assert_eq!(
+            reader_with(&client_frame(0x88, &1000u16.to_be_bytes()))
+                .next(64)
+                .unwrap(),
+            Some(Inbound::Close)
+        );
+        assert_eq!(
+            reader_with(&client_frame(0x82, b"\x00")).next(64).unwrap(),
+            Some(Inbound::Binary)
+        );
+    }
+
+    #[test]
+    fn server_frames_use_the_shortest_length() {
+        let mut out = Vec::new();
+        encode_frame(&mut out, OPCODE_TEXT, b"hi");
+        assert_eq!(out, b"\x81\x02hi");
+        out.clear();
+        encode_frame(&mut out, OPCODE_TEXT, &[0; 200]);
+        assert_eq!(&out[..4], &[0x81, 126, 0, 200]);
+        out.clear();
+        encode_frame(&mut out, OPCODE_BINARY, &[0; 70000]);
+        assert_eq!(&out[..2], &[0x82, 127]);
+        assert_eq!(out.len(), 70000 + 10);
     }
 }

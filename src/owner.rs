@@ -66,7 +66,12 @@ impl Devices {
     pub fn insert(&mut self, device: DeviceId, state: DeviceState) {
         match self.position(&device) {
             Ok(i) => self.0[i].1 = state,
-            Err(i) => self.0.insert(i, (device, state)),
+            Err(i) => {
+                // Most users have one or two devices: grow one slot at a time rather than
+                // `Vec`'s first step of four.
+                self.0.reserve_exact(1);
+                self.0.insert(i, (device, state))
+            }
         }
     }
 
@@ -117,22 +122,31 @@ pub struct UserState {
     /// Linked devices, bounded by `max_devices_per_user`.
     pub devices: Devices,
     /// Receipt and read watermarks per (kind, chat); one entry per chat the user has marked or
-    /// been sent receipts in.
-    pub watermarks: HashMap<(WatermarkKind, String), u64>,
+    /// been sent receipts in. Boxed and absent until the first one: most owned users in memory
+    /// are idle devices that never set one, and an empty map costs 48 bytes in every user slot.
+    pub watermarks: Option<Box<Watermarks>>,
 }
+
+/// Watermarks by (kind, chat).
+pub type Watermarks = HashMap<(WatermarkKind, String), u64>;
 
 impl UserState {
     /// A watermark (0 when never set).
     pub fn watermark(&self, kind: WatermarkKind, chat: &str) -> u64 {
         self.watermarks
-            .get(&(kind, chat.to_owned()))
+            .as_ref()
+            .and_then(|marks| marks.get(&(kind, chat.to_owned())))
             .copied()
             .unwrap_or(0)
     }
 
     /// Raises a watermark; returns whether it moved.
     pub fn raise_watermark(&mut self, kind: WatermarkKind, chat: &str, value: u64) -> bool {
-        let slot = self.watermarks.entry((kind, chat.to_owned())).or_insert(0);
+        let slot = self
+            .watermarks
+            .get_or_insert_with(Box::default)
+            .entry((kind, chat.to_owned()))
+            .or_insert(0);
         if value > *slot {
             *slot = value;
             true
@@ -204,11 +218,15 @@ impl Shard {
                             )
                         })
                         .collect(),
-                    watermarks: snapshot
-                        .watermarks
-                        .into_iter()
-                        .map(|(kind, chat, value)| ((kind, chat), value))
-                        .collect(),
+                    watermarks: (!snapshot.watermarks.is_empty()).then(|| {
+                        Box::new(
+                            snapshot
+                                .watermarks
+                                .into_iter()
+                                .map(|(kind, chat, value)| ((kind, chat), value))
+                                .collect(),
+                        )
+                    }),
                 },
             );
         }

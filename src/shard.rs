@@ -137,6 +137,10 @@ pub struct ConnShared {
     pub frames: TokenBucket,
     /// Highest ack routed to the owner: a repeated or lower ack is not routed again.
     pub acked: Cell<Seq>,
+    /// What the socket may be ready for (`connection::READABLE`, `connection::WRITABLE`), as
+    /// the shard's readiness poller last reported it; the connection clears a bit when the
+    /// socket answers "would block". Set by the poller, which then wakes `notify`.
+    pub readiness: Cell<u8>,
 }
 
 impl ConnShared {
@@ -156,6 +160,7 @@ impl ConnShared {
             typing: TokenBucket::new(limits.0),
             frames: TokenBucket::new(limits.1),
             acked: Cell::new(Seq::ZERO),
+            readiness: Cell::new(0),
         }
     }
 
@@ -190,7 +195,14 @@ impl ConnShared {
     }
 
     pub fn pop(&self) -> Option<ConnItem> {
-        let item = self.outbox.borrow_mut().pop_front()?;
+        let mut outbox = self.outbox.borrow_mut();
+        let item = outbox.pop_front()?;
+        // An idle connection keeps no queue memory: the emptied queue gives its buffer back
+        // (a few hundred bytes per connection otherwise, for every idle socket).
+        if outbox.is_empty() {
+            *outbox = VecDeque::new();
+        }
+        drop(outbox);
         self.queued_bytes
             .set(self.queued_bytes.get() - item.queued_bytes());
         Some(item)
