@@ -110,6 +110,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
             Vec::new(),
             1013,
             "server at its connection limit",
+            shard.config.max_frame_bytes,
         ))
         .await;
         return;
@@ -150,7 +151,8 @@ async fn live(mut session: Session, creds: Credentials, peer: Option<std::net::S
             if code == 4009 {
                 ShardMetrics::count(&shard.metrics.slow_consumer_closes_total);
             }
-            Box::pin(close(&socket.fd, socket.outbound, code, &reason)).await;
+            let max_bytes = shard.config.max_frame_bytes;
+            Box::pin(close(&socket.fd, socket.outbound, code, &reason, max_bytes)).await;
             Some(code)
         }
         End::Gone => None,
@@ -318,8 +320,9 @@ fn duplicate(fd: RawFd) -> io::Result<OwnedFd> {
 
 /// Sends `pending` frames and a close frame, then waits (bounded) for the peer to finish the
 /// close handshake, so the close frame is not lost to a reset. Runs on a glommio stream of a
-/// duplicate descriptor: the connection is no longer registered for readiness by then.
-async fn close(fd: &OwnedFd, mut pending: Vec<u8>, code: u16, reason: &str) {
+/// duplicate descriptor: the connection is no longer registered for readiness by then. Client
+/// frames over `max_bytes` are not gathered: the rest is discarded unframed.
+async fn close(fd: &OwnedFd, mut pending: Vec<u8>, code: u16, reason: &str, max_bytes: usize) {
     let mut payload = code.to_be_bytes().to_vec();
     // A control frame carries at most 125 bytes; cut the reason on a char boundary.
     let mut cut = reason.len().min(123);
@@ -348,7 +351,7 @@ async fn close(fd: &OwnedFd, mut pending: Vec<u8>, code: u16, reason: &str) {
                 Ok(n) if framed => {
                     reader.inbound.extend_from_slice(&chunk[..n]);
                     loop {
-                        match reader.next(usize::MAX) {
+                        match reader.next(max_bytes) {
                             Ok(Some(Inbound::Close)) => return,
                             Ok(Some(_)) => continue,
                             Ok(None) => break,
@@ -573,6 +576,10 @@ impl FrameReader {
                     .iter()
                     .fold(0u64, |n, b| (n << 8) | u64::from(*b));
             }
+            // RFC 6455 5.2: the most significant bit of a 64-bit length must be 0.
+            if length >> 63 != 0 {
+                return Err(protocol_error("a 64-bit length with the top bit set"));
+            }
             let control = opcode & 0x8 != 0;
             if control && (!fin || length > 125) {
                 return Err(protocol_error("a control frame is fragmented or too long"));
@@ -595,10 +602,20 @@ impl FrameReader {
                     format!("frame too large: over {max_bytes} bytes"),
                 ));
             }
-            let length = length as usize;
-            if buf.len() < header + length {
+            // At most `max_bytes` by now; a bound near usize::MAX must not wrap the sum either.
+            let Some(total) = usize::try_from(length)
+                .ok()
+                .and_then(|length| length.checked_add(header))
+            else {
+                return Err(End::Close(
+                    1009,
+                    format!("frame too large: over {max_bytes} bytes"),
+                ));
+            };
+            let length = total - header;
+            if buf.len() < total {
                 // Room for the rest of this frame, asked of the socket in one go.
-                self.inbound.reserve(header + length - buf.len());
+                self.inbound.reserve(total - buf.len());
                 return Ok(None);
             }
             let mask: [u8; 4] = buf[header - 4..header].try_into().expect("four bytes");
@@ -1386,6 +1403,22 @@ mod tests {
         assert_eq!(
             reader_with(&client_frame(0x82, b"\x00")).next(64).unwrap(),
             Some(Inbound::Binary)
+        );
+    }
+
+    #[test]
+    fn absurd_lengths_are_refused_before_any_allocation_or_sum() {
+        let header = |length: u64| {
+            let mut bytes = vec![0x81, 0x80 | 127];
+            bytes.extend_from_slice(&length.to_be_bytes());
+            bytes.extend_from_slice(&[1, 2, 3, 4, 5]);
+            bytes
+        };
+        assert_eq!(close_code(reader_with(&header(1 << 63)).next(64)), 1002);
+        assert_eq!(close_code(reader_with(&header(u64::MAX)).next(64)), 1002);
+        assert_eq!(
+            close_code(reader_with(&header(1 << 40)).next(1 << 16)),
+            1009
         );
     }
 
