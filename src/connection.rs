@@ -352,7 +352,7 @@ async fn close(fd: &OwnedFd, mut pending: Vec<u8>, code: u16, reason: &str, max_
                     reader.inbound.extend_from_slice(&chunk[..n]);
                     loop {
                         match reader.next(max_bytes) {
-                            Ok(Some(Inbound::Close)) => return,
+                            Ok(Some(Inbound::Close(_))) => return,
                             Ok(Some(_)) => continue,
                             Ok(None) => break,
                             Err(_) => {
@@ -531,7 +531,8 @@ enum Inbound {
     Binary,
     Ping(Vec<u8>),
     Pong,
-    Close,
+    /// The peer's close code (two bytes, echoed in the answer), or nothing when it sent none.
+    Close(Vec<u8>),
 }
 
 /// Client frames not handled yet. Both buffers are empty and unallocated between frames.
@@ -633,7 +634,16 @@ impl FrameReader {
                     if payload.len() == 1 {
                         return Err(protocol_error("a close frame of one byte"));
                     }
-                    return Ok(Some(Inbound::Close));
+                    if payload.len() >= 2 {
+                        if !close_code_allowed(u16::from_be_bytes([payload[0], payload[1]])) {
+                            return Err(protocol_error("a close code that may not be sent"));
+                        }
+                        if std::str::from_utf8(&payload[2..]).is_err() {
+                            return Err(End::Close(1007, "close reason is not valid UTF-8".into()));
+                        }
+                        payload.truncate(2);
+                    }
+                    return Ok(Some(Inbound::Close(payload)));
                 }
                 OPCODE_PING => return Ok(Some(Inbound::Ping(payload))),
                 OPCODE_PONG => return Ok(Some(Inbound::Pong)),
@@ -672,6 +682,12 @@ impl FrameReader {
             return Ok(Some(Inbound::Text(payload)));
         }
     }
+}
+
+/// Whether a peer may send this close code (RFC 6455 7.4: 1004-1006 and 1015 are reserved,
+/// 1016-2999 unassigned, 3000-4999 for libraries and applications).
+fn close_code_allowed(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
 fn protocol_error(what: &str) -> End {
@@ -824,9 +840,12 @@ impl Session {
                             ErrorCode::BadFrame,
                             "binary frames are not accepted; send JSON text frames",
                         )),
-                        Inbound::Close => {
-                            // Answer the peer's close (best effort), then drop the socket.
-                            let _ = Box::pin(self.answer(OPCODE_CLOSE, &[])).await;
+                        Inbound::Close(code) => {
+                            // Answer the peer's close echoing its code (best effort, bounded
+                            // like any close handshake), then drop the socket.
+                            let answer =
+                                with_timeout(CLOSE_TIMEOUT, self.answer(OPCODE_CLOSE, &code));
+                            let _ = Box::pin(answer).await;
                             return End::Gone;
                         }
                         Inbound::Ping(payload) => {
@@ -1398,7 +1417,32 @@ mod tests {
             reader_with(&client_frame(0x88, &1000u16.to_be_bytes()))
                 .next(64)
                 .unwrap(),
-            Some(Inbound::Close)
+            Some(Inbound::Close(1000u16.to_be_bytes().to_vec()))
+        );
+        assert_eq!(
+            reader_with(&client_frame(0x88, b"")).next(64).unwrap(),
+            Some(Inbound::Close(Vec::new()))
+        );
+        for code in [
+            0u16,
+            999,
+            1004,
+            1005,
+            1006,
+            1015,
+            1016,
+            2999,
+            5000,
+            u16::MAX,
+        ] {
+            let frame = client_frame(0x88, &code.to_be_bytes());
+            assert_eq!(close_code(reader_with(&frame).next(64)), 1002, "{code}");
+        }
+        let mut bad_reason = 1000u16.to_be_bytes().to_vec();
+        bad_reason.push(0xFF);
+        assert_eq!(
+            close_code(reader_with(&client_frame(0x88, &bad_reason)).next(64)),
+            1007
         );
         assert_eq!(
             reader_with(&client_frame(0x82, b"\x00")).next(64).unwrap(),

@@ -291,6 +291,37 @@ fn malformed_frames_close_with_their_codes() {
 }
 
 #[test]
+fn the_close_handshake_echoes_valid_codes_and_refuses_invalid_ones() {
+    let server = Server::start(ServerOpts::shards(1));
+    let addr = server.addr();
+    for (payload, expect) in [
+        (Vec::new(), None),
+        (close_payload(1000, b"bye"), Some(1000)),
+        (close_payload(1001, b""), Some(1001)),
+        (close_payload(3000, b""), Some(3000)),
+        (close_payload(4999, b""), Some(4999)),
+        (close_payload(999, b""), Some(1002)),
+        (close_payload(1004, b""), Some(1002)),
+        (close_payload(1005, b""), Some(1002)),
+        (close_payload(1006, b""), Some(1002)),
+        (close_payload(1015, b""), Some(1002)),
+        (close_payload(2000, b""), Some(1002)),
+        (close_payload(5000, b""), Some(1002)),
+        (close_payload(1000, &[0xFF, 0xFE]), Some(1007)),
+    ] {
+        let mut c = Raw::connect(addr, "alice", "phone");
+        c.write(&frame(0x88, &payload));
+        let answer = c.close_payload();
+        let code = (answer.len() >= 2).then(|| u16::from_be_bytes([answer[0], answer[1]]));
+        assert_eq!(
+            code, expect,
+            "close payload {payload:?} answered with {answer:?}"
+        );
+        c.until_eof();
+    }
+}
+
+#[test]
 fn pings_are_answered_with_their_payload_and_pongs_change_nothing() {
     let server = Server::start(ServerOpts::shards(1));
     let mut c = Raw::connect(server.addr(), "alice", "phone");
