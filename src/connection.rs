@@ -106,7 +106,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     let Some(conn) = shard.register_conn(creds.user.clone(), creds.device.clone()) else {
         tracing::warn!(?peer, "connection limit of this shard reached");
         Box::pin(close(
-            &fd,
+            fd,
             Vec::new(),
             1013,
             "server at its connection limit",
@@ -152,7 +152,7 @@ async fn live(mut session: Session, creds: Credentials, peer: Option<std::net::S
                 ShardMetrics::count(&shard.metrics.slow_consumer_closes_total);
             }
             let max_bytes = shard.config.max_frame_bytes;
-            Box::pin(close(&socket.fd, socket.outbound, code, &reason, max_bytes)).await;
+            Box::pin(close(socket.fd, socket.outbound, code, &reason, max_bytes)).await;
             Some(code)
         }
         End::Gone => None,
@@ -319,10 +319,12 @@ fn duplicate(fd: RawFd) -> io::Result<OwnedFd> {
 }
 
 /// Sends `pending` frames and a close frame, then waits (bounded) for the peer to finish the
-/// close handshake, so the close frame is not lost to a reset. Runs on a glommio stream of a
-/// duplicate descriptor: the connection is no longer registered for readiness by then. Client
-/// frames over `max_bytes` are not gathered: the rest is discarded unframed.
-async fn close(fd: &OwnedFd, mut pending: Vec<u8>, code: u16, reason: &str, max_bytes: usize) {
+/// close handshake, so the close frame is not lost to a reset. Runs on a glommio stream that
+/// takes the descriptor over (no second one: a shard near the descriptor limit closing many
+/// connections at once must not need one more each); the connection is out of the shard's map
+/// by then, so readiness events for it are ignored. Client frames over `max_bytes` are not
+/// gathered: the rest is discarded unframed.
+async fn close(fd: OwnedFd, mut pending: Vec<u8>, code: u16, reason: &str, max_bytes: usize) {
     let mut payload = code.to_be_bytes().to_vec();
     // A control frame carries at most 125 bytes; cut the reason on a char boundary.
     let mut cut = reason.len().min(123);
@@ -331,11 +333,8 @@ async fn close(fd: &OwnedFd, mut pending: Vec<u8>, code: u16, reason: &str, max_
     }
     payload.extend_from_slice(&reason.as_bytes()[..cut]);
     encode_frame(&mut pending, OPCODE_CLOSE, &payload);
-    let Ok(dup) = fd.try_clone() else {
-        return;
-    };
-    // SAFETY: `dup` is a socket descriptor owned by nothing else.
-    let mut stream = unsafe { TcpStream::from_raw_fd(dup.into_raw_fd()) };
+    // SAFETY: `fd` is a socket descriptor owned by nothing else; the stream closes it.
+    let mut stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
     let finish = async {
         if stream.write_all(&pending).await.is_err() {
             return;
