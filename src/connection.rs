@@ -854,6 +854,10 @@ impl Session {
                         }
                         Inbound::Pong => {}
                     }
+                    // A client that keeps its socket full would otherwise keep this loop
+                    // going without an await that suspends: let the shard's other tasks run
+                    // once glommio's time slice is used up.
+                    glommio::yield_if_needed().await;
                 }
             }
         }
