@@ -77,6 +77,11 @@ pub struct Config {
     /// Time allowed for the TCP connection to complete the WebSocket upgrade. At the bound: the
     /// socket is dropped.
     pub handshake_timeout: Duration,
+    /// Time allowed for one flush of frames to a client (at most 8 KiB plus one frame) once
+    /// its socket is full. At the bound: the connection is dropped without a close frame (it
+    /// resumes from its cursor when it reconnects). Bounds readers that stalled or that take a
+    /// byte now and then.
+    pub write_timeout: Duration,
     /// A connection that sent nothing for this long gets a ping.
     pub ping_interval: Duration,
     /// A connection that sent nothing (not even a pong) for this long is closed with 4008.
@@ -159,6 +164,7 @@ impl Config {
             connections_per_shard_max: 100_000,
             dedupe_window_per_device: 10_000,
             handshake_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(30),
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(75),
             cross_shard_queue_max: 65_536,

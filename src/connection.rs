@@ -63,7 +63,6 @@ const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a close handshake may take before the socket is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A socket that accepts no bytes for this long is dropped (a reader that stopped reading).
-const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most index pages one `history` request reads (pages of `limit` entries).
 const HISTORY_PAGES_MAX: usize = 8;
 /// Most outbound items written before checking the socket for inbound frames again.
@@ -747,19 +746,29 @@ impl Socket {
     }
 
     /// Queues a frame; writes through once `WRITE_BUFFER_BYTES` are queued.
-    async fn feed(&mut self, conn: &ConnShared, opcode: u8, payload: &[u8]) -> Result<(), ()> {
+    async fn feed(
+        &mut self,
+        conn: &ConnShared,
+        opcode: u8,
+        payload: &[u8],
+        limit: Duration,
+    ) -> Result<(), ()> {
         encode_frame(&mut self.outbound, opcode, payload);
         if self.outbound.len() >= WRITE_BUFFER_BYTES {
-            self.flush(conn).await?;
+            self.flush(conn, limit).await?;
         }
         Ok(())
     }
 
-    /// Writes every queued byte, waiting for the socket when it is full; a socket that takes
-    /// no byte for `WRITE_TIMEOUT` fails. Frees the buffer afterwards.
-    async fn flush(&mut self, conn: &ConnShared) -> Result<(), ()> {
+    /// Writes every queued byte (at most `WRITE_BUFFER_BYTES` plus one frame), waiting for the
+    /// socket when it is full. The whole flush must finish within `limit` (`write_timeout`),
+    /// progress or not: the kernel reports a full socket writable again only once a third of
+    /// its buffer drained, so a flush that needs longer than `limit` belongs to a reader that
+    /// stalled or trickles, and the 4009 close queued behind it would wait as long. Frees the
+    /// buffer afterwards.
+    async fn flush(&mut self, conn: &ConnShared, limit: Duration) -> Result<(), ()> {
         let mut written = 0;
-        let mut deadline = Instant::now() + WRITE_TIMEOUT;
+        let deadline = Instant::now() + limit;
         while written < self.outbound.len() {
             if conn.readiness.get() & WRITABLE == 0 {
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -781,7 +790,6 @@ impl Socket {
             };
             if n >= 0 {
                 written += n as usize;
-                deadline = Instant::now() + WRITE_TIMEOUT;
                 continue;
             }
             match io::Error::last_os_error().kind() {
@@ -919,7 +927,13 @@ impl Session {
         self.conn.catching_up.set(true);
         let caught_up = self.replay(head).await;
         self.conn.catching_up.set(false);
-        if caught_up.is_err() || self.socket.flush(&self.conn).await.is_err() {
+        if caught_up.is_err()
+            || self
+                .socket
+                .flush(&self.conn, self.shard.config.write_timeout)
+                .await
+                .is_err()
+        {
             return Some(End::Gone);
         }
         None
@@ -968,7 +982,10 @@ impl Session {
                 ConnItem::Event { seq, record } => self.send_event(seq, record).await,
                 ConnItem::Frame(frame) => self.feed(frame).await,
                 ConnItem::Close { code, reason } => return Some(End::Close(code, reason.into())),
-                ConnItem::Ping => self.socket.feed(&self.conn, OPCODE_PING, &[]).await,
+                ConnItem::Ping => {
+                    let limit = self.shard.config.write_timeout;
+                    self.socket.feed(&self.conn, OPCODE_PING, &[], limit).await
+                }
                 ConnItem::Refused { close_code, error } => {
                     return Some(End::Close(close_code, error.reason));
                 }
@@ -983,7 +1000,12 @@ impl Session {
         if dropped >= self.next && self.replay(dropped).await.is_err() {
             return Some(End::Gone);
         }
-        if self.socket.flush(&self.conn).await.is_err() {
+        if self
+            .socket
+            .flush(&self.conn, self.shard.config.write_timeout)
+            .await
+            .is_err()
+        {
             return Some(End::Gone);
         }
         None
@@ -1029,7 +1051,9 @@ impl Session {
                 self.feed(record).await?;
             }
             self.next = last.next();
-            self.socket.flush(&self.conn).await?;
+            self.socket
+                .flush(&self.conn, self.shard.config.write_timeout)
+                .await?;
             glommio::yield_if_needed().await;
         }
         Ok(())
@@ -1041,18 +1065,31 @@ impl Session {
             tracing::error!("refusing to send a frame that is not UTF-8");
             return Err(());
         }
-        self.socket.feed(&self.conn, OPCODE_TEXT, &frame).await
+        self.socket
+            .feed(
+                &self.conn,
+                OPCODE_TEXT,
+                &frame,
+                self.shard.config.write_timeout,
+            )
+            .await
     }
 
     /// Writes a control frame now.
     async fn answer(&mut self, opcode: u8, payload: &[u8]) -> Result<(), ()> {
-        self.socket.feed(&self.conn, opcode, payload).await?;
-        self.socket.flush(&self.conn).await
+        self.socket
+            .feed(&self.conn, opcode, payload, self.shard.config.write_timeout)
+            .await?;
+        self.socket
+            .flush(&self.conn, self.shard.config.write_timeout)
+            .await
     }
 
     async fn write_frame(&mut self, frame: Bytes) -> Result<(), ()> {
         self.feed(frame).await?;
-        self.socket.flush(&self.conn).await
+        self.socket
+            .flush(&self.conn, self.shard.config.write_timeout)
+            .await
     }
 
     fn reply_error(&self, error: FrameError) {

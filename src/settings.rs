@@ -77,6 +77,7 @@ settings! {
     connections_per_shard_max: usize,
     dedupe_window_per_device: u64,
     handshake_timeout_ms: u64,
+    write_timeout_ms: u64,
     ping_interval_secs: u64,
     idle_timeout_secs: u64,
     cross_shard_queue_max: usize,
@@ -201,6 +202,7 @@ impl Settings {
         set!(connections_per_shard_max);
         set!(dedupe_window_per_device);
         set!(handshake_timeout_ms => handshake_timeout, Duration::from_millis);
+        set!(write_timeout_ms => write_timeout, Duration::from_millis);
         set!(ping_interval_secs => ping_interval, Duration::from_secs);
         set!(idle_timeout_secs => idle_timeout, Duration::from_secs);
         set!(cross_shard_queue_max);
@@ -277,6 +279,7 @@ impl Settings {
             connections_per_shard_max: Some(config.connections_per_shard_max),
             dedupe_window_per_device: Some(config.dedupe_window_per_device),
             handshake_timeout_ms: Some(config.handshake_timeout.as_millis() as u64),
+            write_timeout_ms: Some(config.write_timeout.as_millis() as u64),
             ping_interval_secs: Some(config.ping_interval.as_secs()),
             idle_timeout_secs: Some(config.idle_timeout.as_secs()),
             cross_shard_queue_max: Some(config.cross_shard_queue_max),

@@ -1,6 +1,7 @@
 //! Hardening, at the boundary: a stalled reader is cut off (4009) without costing anyone else a
 //! message or the server its memory, and catches up afterwards; a flooding connection is
-//! rate-limited while everyone else is served; a full LMDB map answers `busy` while reads and live
+//! rate-limited while everyone else is served; a reader that takes a byte now and then is dropped
+//! at the write timeout; a full LMDB map answers `busy` while reads and live
 //! delivery go on, and a restart with a bigger map recovers every acknowledged message; a storm of
 //! reconnects ends with every device caught up at its log head with its cursor intact, accepted by
 //! every shard; half-open sockets and slowloris upgrades are dropped at the handshake timeout.
@@ -125,6 +126,73 @@ const STALL_BODY_BYTES: usize = 16_000;
 const STALL_RSS_GROWTH_MAX_KIB: u64 = 32 * 1024;
 /// The same for anonymous memory alone (the heap, where queued frames live).
 const STALL_ANON_GROWTH_MAX_KIB: u64 = 16 * 1024;
+
+#[test]
+fn a_reader_that_takes_a_byte_now_and_then_is_dropped_at_the_write_timeout() {
+    // A flush to a full socket must finish within `write_timeout_ms`: a client that reads a
+    // byte every so often (too little for the kernel to call the socket writable again) is
+    // dropped then, and nobody else notices.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("courier.toml");
+    std::fs::write(&config, "write_timeout_ms = 1500\n").unwrap();
+    let server = Server::start(
+        ServerOpts::shards(1)
+            .flag("--config", config.display())
+            .flag("--admin-listen", "127.0.0.1:0"),
+    );
+    let (addr, admin) = (server.addr(), server.admin_addr());
+    let mut alice = settled(addr, "alice", "phone");
+    let mut trickle = Client::try_dev_small_recv_buffer(addr, "bob", "trickle", 4096)
+        .unwrap_or_else(|e| panic!("connect bob/trickle: {e:?}"));
+    trickle.hello();
+    assert_eq!(metric_total(admin, "courier_connections"), 2.0);
+
+    // More than the kernel buffers between server and client hold (loopback send buffers grow
+    // to 4 MiB): the server's flush to bob's device blocks.
+    for i in 0..500 {
+        let id = format!("t{i}");
+        alice.send_and_wait(&id, "bob", &padded_body(&id, 16_000));
+    }
+    let stop = AtomicBool::new(false);
+    let dropped_after = std::thread::scope(|s| {
+        let socket = trickle.socket();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        s.spawn(|| {
+            // One byte every 50 ms: progress, but far too slow to finish a flush in 1.5 s.
+            let mut byte = [0u8; 1];
+            let started = Instant::now();
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(30) {
+                match socket.read(&mut byte) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                    Err(_) => break,
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let started = Instant::now();
+        let mut dropped = None;
+        while started.elapsed() < Duration::from_secs(20) {
+            if metric_total(admin, "courier_connections") == 1.0 {
+                dropped = Some(started.elapsed());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        stop.store(true, Ordering::Relaxed);
+        dropped
+    });
+    let dropped_after = dropped_after.expect(
+        "the trickling reader still held its connection 20 s after the flood (write timeout 1.5 s)",
+    );
+    eprintln!("trickling reader dropped {dropped_after:.1?} after the flood");
+    // Everyone else is served as before.
+    alice.send_and_wait("after", "bob", "still here");
+}
 
 #[test]
 fn a_stalled_reader_is_closed_with_4009_without_delaying_others_or_growing_memory_and_catches_up() {
