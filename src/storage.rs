@@ -17,7 +17,8 @@
 //!   instead of one page per recipient (keyed user-first, as the old `msg_index` was, it cost a
 //!   page write per recipient per commit). Point lookups only.
 //! - `chat_index`:   user \0 chat \0 seq(u64 BE)   → msg id (u64 BE): a chat in log order
-//!   (not id order: ids minted on different shards interleave), for history
+//!   (not id order: ids minted on different shards interleave), for history; pruned with the
+//!   log entries it points at
 //! - `msg_changes`:  user \0 msg id(u64 BE)         → 'd' (deleted) or 'e' ++ latest body (edited)
 //! - `watermarks`:   user \0 kind \0 chat          → u64 BE (receipt/read watermarks, acked max)
 //! - `groups`:       group id                       → membership record (JSON, see `groups`)
@@ -39,6 +40,7 @@ use heed::{Database, Env, EnvFlags, EnvOpenOptions, PutFlags, WithoutTls};
 
 use crate::config::Durability;
 use crate::ids::{DeviceId, MsgId, Seq, ShardId, UserId};
+use crate::protocol::decode_stored_msg;
 
 type Table = Database<RawBytes, RawBytes>;
 
@@ -651,13 +653,25 @@ impl Store {
                 WriteOp::PruneLog { user, through } => {
                     let start = log_key(user, Seq(0));
                     let end = log_key(user, *through);
-                    t.log.delete_range(
-                        &mut wtxn,
-                        &(
-                            Bound::Included(start.as_slice()),
-                            Bound::Included(end.as_slice()),
-                        ),
-                    )?;
+                    let range = (
+                        Bound::Included(start.as_slice()),
+                        Bound::Included(end.as_slice()),
+                    );
+                    // The pruned messages' chat index entries go with them, or history pages
+                    // would point at events that no longer exist (and the index would grow for
+                    // ever). Bounded like the prune itself (`prune_batch_events`).
+                    let mut indexed = Vec::new();
+                    for entry in t.log.range(&wtxn, &range)? {
+                        let (key, record) = entry?;
+                        let seq = key.len().checked_sub(8).and_then(|at| be_u64(&key[at..]));
+                        if let (Some(seq), Some(stored)) = (seq, decode_stored_msg(record)) {
+                            indexed.push(chat_index_key(user, &stored.chat, Seq(seq)));
+                        }
+                    }
+                    for key in &indexed {
+                        t.chat_index.delete(&mut wtxn, key)?;
+                    }
+                    t.log.delete_range(&mut wtxn, &range)?;
                 }
             }
         }
@@ -1180,6 +1194,60 @@ mod tests {
         store.commit(&[&prune()]).unwrap();
         assert!(!store.msg_seq_before(MsgId(4)).unwrap());
         assert_eq!(store.msg_index_get(&alice, MsgId(4)).unwrap(), Some(Seq(4)));
+    }
+
+    #[test]
+    fn pruning_a_log_removes_the_chat_index_entries_of_its_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 24, Durability::Fsync).unwrap();
+        let alice = user("alice");
+        let mut ops = Vec::new();
+        for i in 1..=4u64 {
+            let chat = if i % 2 == 0 { "bob" } else { "carol" };
+            let record = crate::protocol::encode_event(
+                Seq(i),
+                1_000 + i,
+                &crate::protocol::EventBody::Msg {
+                    chat,
+                    msg: MsgId(100 + i),
+                    from: "alice",
+                    dev: "phone",
+                    body: "hi",
+                },
+            );
+            ops.push(WriteOp::Append {
+                user: alice.clone(),
+                seq: Seq(i),
+                record,
+            });
+            ops.push(WriteOp::IndexChat {
+                user: alice.clone(),
+                chat: chat.to_owned(),
+                msg: MsgId(100 + i),
+                seq: Seq(i),
+            });
+        }
+        let batch = |ops| WriteBatch {
+            id: 1,
+            epoch: 0,
+            ops,
+        };
+        store.commit(&[&batch(ops)]).unwrap();
+        assert_eq!(store.chat_page(&alice, "bob", None, 10).unwrap().len(), 2);
+        store
+            .commit(&[&batch(vec![WriteOp::PruneLog {
+                user: alice.clone(),
+                through: Seq(2),
+            }])])
+            .unwrap();
+        assert_eq!(
+            store.chat_page(&alice, "bob", None, 10).unwrap(),
+            [(MsgId(104), Seq(4))]
+        );
+        assert_eq!(
+            store.chat_page(&alice, "carol", None, 10).unwrap(),
+            [(MsgId(103), Seq(3))]
+        );
     }
 
     #[test]
