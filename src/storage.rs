@@ -405,7 +405,7 @@ impl Store {
         let join = thread::Builder::new()
             .name(format!("courier-writer-{}", shard.0))
             .spawn(move || {
-                store.unpin();
+                unpin(store.cpus.as_ref(), "storage writer");
                 store.writer_loop(receiver, batch_max_ops, durability, completions)
             })?;
         Ok(WriterHandle {
@@ -466,20 +466,6 @@ impl Store {
         }
         if let Err(e) = self.env.force_sync() {
             tracing::error!(error = %e, "final fsync failed");
-        }
-    }
-
-    /// Lets the calling thread run on every CPU the process may use (see `cpus`).
-    fn unpin(&self) {
-        if let Some(cpus) = &self.cpus {
-            // SAFETY: `cpus` is a valid cpu_set_t of the right size; pid 0 is this thread.
-            let rc = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), cpus) };
-            if rc != 0 {
-                tracing::warn!(
-                    error = %std::io::Error::last_os_error(),
-                    "the storage writer stays on its shard's core"
-                );
-            }
         }
     }
 
@@ -1030,6 +1016,24 @@ fn allowed_cpus() -> Option<libc::cpu_set_t> {
     (rc == 0).then_some(set)
 }
 
+/// Lets the calling thread run on every CPU in `cpus` (the process's, see `Store::cpus`)
+/// instead of the core of the shard that started it. On failure it stays there, which only
+/// costs speed.
+fn unpin(cpus: Option<&libc::cpu_set_t>, thread: &str) {
+    let Some(cpus) = cpus else {
+        return;
+    };
+    // SAFETY: `cpus` is a valid cpu_set_t of the size passed; pid 0 is this thread.
+    let rc = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), cpus) };
+    if rc != 0 {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            thread,
+            "the thread stays on its shard's core"
+        );
+    }
+}
+
 /// `Durability::ProcessCrashSafe`'s fsync thread: syncs the environment at most
 /// `PERIODIC_SYNC` after the writer marked it dirty. fdatasync runs beside LMDB's page writes
 /// (it only flushes the file), so commits go on while a sync is in progress.
@@ -1049,10 +1053,7 @@ impl Syncer {
         let join = thread::Builder::new()
             .name("courier-syncer".into())
             .spawn(move || {
-                if let Some(cpus) = &cpus {
-                    // SAFETY: as in `Store::unpin`.
-                    unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), cpus) };
-                }
+                unpin(cpus.as_ref(), "fsync thread");
                 // A disconnected stop channel (the writer is done) ends the loop.
                 while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
                     stop_rx.recv_timeout(PERIODIC_SYNC)
