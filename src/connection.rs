@@ -927,13 +927,7 @@ impl Session {
         self.conn.catching_up.set(true);
         let caught_up = self.replay(head).await;
         self.conn.catching_up.set(false);
-        if caught_up.is_err()
-            || self
-                .socket
-                .flush(&self.conn, self.shard.config.write_timeout)
-                .await
-                .is_err()
-        {
+        if caught_up.is_err() || self.flush().await.is_err() {
             return Some(End::Gone);
         }
         None
@@ -982,10 +976,7 @@ impl Session {
                 ConnItem::Event { seq, record } => self.send_event(seq, record).await,
                 ConnItem::Frame(frame) => self.feed(frame).await,
                 ConnItem::Close { code, reason } => return Some(End::Close(code, reason.into())),
-                ConnItem::Ping => {
-                    let limit = self.shard.config.write_timeout;
-                    self.socket.feed(&self.conn, OPCODE_PING, &[], limit).await
-                }
+                ConnItem::Ping => self.feed_frame(OPCODE_PING, &[]).await,
                 ConnItem::Refused { close_code, error } => {
                     return Some(End::Close(close_code, error.reason));
                 }
@@ -1000,12 +991,7 @@ impl Session {
         if dropped >= self.next && self.replay(dropped).await.is_err() {
             return Some(End::Gone);
         }
-        if self
-            .socket
-            .flush(&self.conn, self.shard.config.write_timeout)
-            .await
-            .is_err()
-        {
+        if self.flush().await.is_err() {
             return Some(End::Gone);
         }
         None
@@ -1051,9 +1037,7 @@ impl Session {
                 self.feed(record).await?;
             }
             self.next = last.next();
-            self.socket
-                .flush(&self.conn, self.shard.config.write_timeout)
-                .await?;
+            self.flush().await?;
             glommio::yield_if_needed().await;
         }
         Ok(())
@@ -1065,31 +1049,31 @@ impl Session {
             tracing::error!("refusing to send a frame that is not UTF-8");
             return Err(());
         }
+        self.feed_frame(OPCODE_TEXT, &frame).await
+    }
+
+    /// Queues one frame of any kind (written through once the buffer is full).
+    async fn feed_frame(&mut self, opcode: u8, payload: &[u8]) -> Result<(), ()> {
+        let limit = self.shard.config.write_timeout;
+        self.socket.feed(&self.conn, opcode, payload, limit).await
+    }
+
+    /// Writes everything queued, within `write_timeout`.
+    async fn flush(&mut self) -> Result<(), ()> {
         self.socket
-            .feed(
-                &self.conn,
-                OPCODE_TEXT,
-                &frame,
-                self.shard.config.write_timeout,
-            )
+            .flush(&self.conn, self.shard.config.write_timeout)
             .await
     }
 
     /// Writes a control frame now.
     async fn answer(&mut self, opcode: u8, payload: &[u8]) -> Result<(), ()> {
-        self.socket
-            .feed(&self.conn, opcode, payload, self.shard.config.write_timeout)
-            .await?;
-        self.socket
-            .flush(&self.conn, self.shard.config.write_timeout)
-            .await
+        self.feed_frame(opcode, payload).await?;
+        self.flush().await
     }
 
     async fn write_frame(&mut self, frame: Bytes) -> Result<(), ()> {
         self.feed(frame).await?;
-        self.socket
-            .flush(&self.conn, self.shard.config.write_timeout)
-            .await
+        self.flush().await
     }
 
     fn reply_error(&self, error: FrameError) {
