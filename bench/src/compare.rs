@@ -7,7 +7,7 @@ use crate::conn::Target;
 use crate::connect::{self, ConnectArgs, ConnectResult};
 use crate::fanout::{self, FanoutArgs, FanoutResult};
 use crate::report;
-use crate::spawn::ServerArgs;
+use crate::spawn::{Server, ServerArgs};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct CompareArgs {
@@ -50,6 +50,19 @@ fn have(bin: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Starts `t` for one part of the comparison. A peer that does not start is left out of the
+/// table (`None`); Courier not starting is an error: there would be nothing to compare against.
+fn start_or_skip(t: Target, server: &ServerArgs) -> Result<Option<Server>, String> {
+    match fanout::start_server(t, server) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if t != Target::Courier => {
+            eprintln!("[compare] {} did not start: {e}; skipped", t.name());
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 pub fn run(a: &CompareArgs) -> Result<Vec<Row>, String> {
     let mut targets = vec![Target::Courier];
     for p in &a.peers {
@@ -79,15 +92,8 @@ pub fn run(a: &CompareArgs) -> Result<Vec<Row>, String> {
             svg: None,
             prefix: "c".into(),
         };
-        // A peer that does not start is left out of the table (Courier not starting is an
-        // error: there would be nothing to compare against).
-        let srv = match fanout::start_server(t, &a.server) {
-            Ok(s) => s,
-            Err(e) if t != Target::Courier => {
-                eprintln!("[compare] {} did not start: {e}; skipped", t.name());
-                continue;
-            }
-            Err(e) => return Err(e),
+        let Some(srv) = start_or_skip(t, &a.server)? else {
+            continue;
         };
         let conn = connect::run_on(&ca, &srv)
             .map_err(|e| eprintln!("[compare] connect: {e}"))
@@ -111,13 +117,8 @@ pub fn run(a: &CompareArgs) -> Result<Vec<Row>, String> {
             svg: None,
             group_chat: None,
         };
-        let srv = match fanout::start_server(t, &a.server) {
-            Ok(s) => s,
-            Err(e) if t != Target::Courier => {
-                eprintln!("[compare] {} did not start: {e}; skipped", t.name());
-                continue;
-            }
-            Err(e) => return Err(e),
+        let Some(srv) = start_or_skip(t, &a.server)? else {
+            continue;
         };
         let max = fanout::run_on(&fa, &srv)
             .map_err(|e| eprintln!("[compare] fanout: {e}"))
